@@ -1,0 +1,37 @@
+"""Gunicorn settings: what the Dockerfile's CMD and `make run` start."""
+
+import os
+
+wsgi_app = "app:serve()"
+bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
+# A webhook mostly waits on Stripe: threads keep a slow Stripe call from holding a whole process.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = 8
+# Load the app once in the master: a bad config stops the start with one clear message.
+preload_app = True
+# Longer than the 12 s webhook budget, so neither a restart nor SIGTERM cuts a webhook off.
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+accesslog = None
+# The runtime control socket would need a writable home directory; nothing here uses it.
+control_socket_disable = True
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "app.JsonFormatter"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        "bridge": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+    },
+}

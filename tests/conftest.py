@@ -1,0 +1,117 @@
+"""Fixtures: a fake Stripe on 127.0.0.1, the app wired to it, and genuinely signed webhooks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from app import create_app
+from tests.fake_stripe import FakeStripe
+from tests.harness import ROTATED_SECRET, SECRET, sign
+
+API_KEY = "sk_test_bridge0123456789"
+
+CONFIG_YAML = """\
+meters:
+  api_requests: price_1Api
+  ai_tokens: price_1Tokens
+  storage_gb:
+    price: price_1Storage
+    multiplier: 0.001
+    rounding: up
+  cpu_seconds:
+    price: price_1Cpu
+    rounding: down
+subjects:
+  customer-1: sub_1Customer1
+  acme: sub_1Acme
+  unbilled: sub_1Missing
+"""
+
+
+@dataclass
+class Billing:
+    """The Stripe objects the tests' config.yaml points at."""
+
+    customer1: str
+    acme: str
+    api: str  # customer-1's item for api_requests
+    storage: str
+    cpu: str
+    tokens: str  # acme's item for ai_tokens
+    acme_api: str
+
+
+@pytest.fixture
+def stripe_fake() -> Iterator[FakeStripe]:
+    """A stateful fake Stripe speaking the real wire format on 127.0.0.1."""
+    fake = FakeStripe(api_key=API_KEY)
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def billing(stripe_fake: FakeStripe) -> Billing:
+    """Legacy metered prices on two subscriptions, in their current billing period."""
+    for price in ("price_1Api", "price_1Tokens", "price_1Storage", "price_1Cpu"):
+        stripe_fake.add_price(price, usage_type="metered", aggregate_usage="sum")
+    prices = ["price_1Api", "price_1Storage", "price_1Cpu"]
+    stripe_fake.add_subscription("sub_1Customer1", prices=prices)
+    stripe_fake.add_subscription("sub_1Acme", prices=["price_1Tokens", "price_1Api"])
+    return Billing(
+        customer1="sub_1Customer1",
+        acme="sub_1Acme",
+        api=stripe_fake.item_id("sub_1Customer1", "price_1Api"),
+        storage=stripe_fake.item_id("sub_1Customer1", "price_1Storage"),
+        cpu=stripe_fake.item_id("sub_1Customer1", "price_1Cpu"),
+        tokens=stripe_fake.item_id("sub_1Acme", "price_1Tokens"),
+        acme_api=stripe_fake.item_id("sub_1Acme", "price_1Api"),
+    )
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    """The tests' config.yaml."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG_YAML)
+    return path
+
+
+@pytest.fixture
+def environment(stripe_fake: FakeStripe, config_path: Path) -> dict[str, str]:
+    """The environment variables production would set, pointed at the fake."""
+    return {
+        "STRIPE_API_KEY": API_KEY,
+        "OPENMETER_WEBHOOK_SECRET": f"{SECRET} {ROTATED_SECRET}",
+        "CONFIG_PATH": str(config_path),
+        "STRIPE_API_BASE": stripe_fake.url,
+    }
+
+
+@pytest.fixture
+def app(environment: dict[str, str], billing: Billing) -> Flask:
+    """A fresh service per test."""
+    return create_app(environment)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """The app's test client."""
+    return app.test_client()
+
+
+def deliver(
+    client: FlaskClient, payload: dict[str, Any] | str, message_id: str = "msg_test1", **kw: Any
+) -> TestResponse:
+    """POSTs a signed webhook, as one Svix delivery attempt."""
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    return client.post("/webhook", data=body, headers=sign(body, message_id, **kw))

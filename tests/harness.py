@@ -1,0 +1,158 @@
+"""Shared by the tests, the demo and the benchmark: signed deliveries and a service under gunicorn."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from svix.webhooks import Webhook
+
+PROJECT = Path(__file__).parent.parent
+EXAMPLES = Path(__file__).parent / "examples"
+# Svix's published test vector secret, and a second one as if in the middle of a rotation.
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+ROTATED_SECRET = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24tdGVzdHM="
+
+
+def sign(
+    body: str,
+    message_id: str = "msg_test1",
+    *,
+    secret: str = SECRET,
+    at: datetime | None = None,
+    prefix: str = "svix",
+) -> dict[str, str]:
+    """Headers Svix would send for body, signed with the real algorithm."""
+    at = at or datetime.now(UTC)
+    return {
+        f"{prefix}-id": message_id,
+        f"{prefix}-timestamp": str(int(at.timestamp())),
+        f"{prefix}-signature": Webhook(secret).sign(message_id, at, body),
+        "content-type": "application/json",
+    }
+
+
+def hours_ago(hours: int) -> datetime:
+    """The start of the UTC hour that many hours back."""
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    return now - timedelta(hours=hours)
+
+
+def iso(moment: datetime) -> str:
+    """RFC 3339 with Z, as OpenMeter writes it."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def report(
+    values: list[Any] | None = None,
+    *,
+    subject: str = "customer-1",
+    meter: str = "api_requests",
+    first: datetime | None = None,
+    size: timedelta = timedelta(hours=1),
+    rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A report.meter event with one row per value, in consecutive windows."""
+    first = first or hours_ago(len(values or [1]) + 1)
+    rows = rows if rows is not None else []
+    for index, value in enumerate(values or []):
+        start = first + index * size
+        rows.append(
+            {
+                "subject": subject,
+                "value": value,
+                "groupBy": {},
+                "windowStart": iso(start),
+                "windowEnd": iso(start + size),
+            }
+        )
+    return {
+        "type": "report.meter",
+        "report": {"slug": "test_report"},
+        "meter": {"slug": meter, "aggregation": "SUM", "windowSize": "HOUR"},
+        "query": {"subject": subject, "windowSize": "HOUR"},
+        "usage": rows,
+    }
+
+
+def example(name: str, shift_to: datetime | None = None) -> str:
+    """An example payload, its windows moved (same spacing) so the first starts at shift_to."""
+    text = (EXAMPLES / name).read_text()
+    if shift_to is None:
+        return text
+    event = json.loads(text)
+    starts = [
+        datetime.fromisoformat(row["windowStart"]) for row in event.get("usage", [])
+    ]
+    delta = shift_to - min(starts)
+    for row in event["usage"]:
+        for key in ("windowStart", "windowEnd"):
+            row[key] = iso(datetime.fromisoformat(row[key]) + delta)
+    return json.dumps(event)
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    """Polls condition() until true, or fails."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def dockerfile_cmd() -> list[str]:
+    """The exec-form CMD of the Dockerfile, as the container runs it."""
+    lines = (PROJECT / "Dockerfile").read_text().splitlines()
+    cmd = [line for line in lines if line.startswith("CMD ")]
+    assert len(cmd) == 1, "the Dockerfile needs exactly one CMD"
+    command = json.loads(cmd[0].removeprefix("CMD "))
+    assert isinstance(command, list), "CMD must be in exec form so gunicorn is PID 1"
+    return [str(part) for part in command]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_service(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Runs the Dockerfile's CMD from the project folder, this venv's executables first on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            dockerfile_cmd(),
+            cwd=PROJECT,
+            env={"PATH": path, "WEB_CONCURRENCY": "2", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """POSTs over a real socket; returns the status and the JSON answer."""
+    request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def healthy(base: str) -> bool:
+    """True once /healthz answers 200."""
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

@@ -1,0 +1,111 @@
+"""Configuration: the service refuses to start on a bad environment or config.yaml, naming why."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from app import ConfigError, MeterMapping, create_app, load_config, settings_from_env
+from tests.conftest import API_KEY
+from tests.harness import SECRET
+
+PROJECT = Path(__file__).parent.parent
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    return caught.value.problems
+
+
+def test_short_and_long_forms(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "meters:\n  a: price_1A\n  b: {price: price_1B, multiplier: 0.001, rounding: up}\n"
+            "subjects:\n  c: sub_1C\n",
+        )
+    )
+    assert config.meters["a"] == MeterMapping("price_1A")
+    assert config.meters["b"] == MeterMapping("price_1B", Decimal("0.001"), "up")
+    assert config.subjects == {"c": "sub_1C"}
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    config = load_config(str(PROJECT / "config.yaml"))
+    assert config.meters and config.subjects
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("meters:\n  a: prod_1A\n", "meters.a.price: must be a Stripe price ID"),
+        ("subjects:\n  c: cus_1C\n", "subjects.c: must be a Stripe subscription ID"),
+        ("meters:\n  b: {price: price_1B, rounding: sideways}\n", "meters.b.rounding:"),
+        ("meters:\n  b: {price: price_1B, multiplier: -1}\n", "meters.b.multiplier:"),
+        ("meters:\n  b: {price: price_1B, multiplier: abc}\n", "meters.b.multiplier:"),
+        ("meters:\n  b: {price: price_1B, factor: 2}\n", "meters.b.factor: unknown key"),
+        ("meterz:\n  a: price_1A\n", "meterz: unknown key"),
+        ("subjects:\n  c: sub_1C\n  c: sub_1D\n", "subjects.c: duplicate key (line 3)"),
+        ("subjects:\n  123: sub_1C\n", "subjects.123: quote this key"),
+        ("meters: [price_1A]\n", "meters: must be a mapping"),
+        ("- a\n", "(top level)"),
+        ("meters: {a: [", "cannot read"),
+    ],
+)
+def test_bad_config_names_the_entry(tmp_path: Path, text: str, expected: str) -> None:
+    assert any(expected in problem for problem in problems_of(tmp_path, text))
+
+
+def test_every_problem_is_listed(tmp_path: Path) -> None:
+    text = "meters:\n  a: nope\n  b: {price: price_1B, rounding: x}\nsubjects:\n  c: nope\n"
+    problems = problems_of(tmp_path, text)
+    assert len(problems) == 3
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(str(tmp_path / "nowhere.yaml"))
+
+
+GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"STRIPE_API_KEY": ""}, "STRIPE_API_KEY is not set"),
+        ({"STRIPE_API_KEY": "pk_test_abc"}, "STRIPE_API_KEY must be a secret"),
+        ({"OPENMETER_WEBHOOK_SECRET": " "}, "OPENMETER_WEBHOOK_SECRET is not set"),
+        ({"OPENMETER_WEBHOOK_SECRET": f"{SECRET} abc"}, "secret #2 is not a whsec_"),
+        ({"OPENMETER_WEBHOOK_SECRET": "whsec_%%%"}, "secret #1"),
+        ({"STRIPE_API_BASE": "ftp://x"}, "STRIPE_API_BASE"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+    ],
+)
+def test_bad_environment_names_the_variable(changes: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(GOOD_ENV | changes)
+    message = str(caught.value)
+    assert expected in message
+    assert "pk_test_abc" not in message and "%%%" not in message
+
+
+def test_rotation_takes_several_secrets() -> None:
+    settings = settings_from_env(GOOD_ENV | {"OPENMETER_WEBHOOK_SECRET": f" {SECRET}\n{SECRET} "})
+    assert settings.webhook_secrets == (SECRET, SECRET)
+
+
+def test_create_app_refuses_a_bad_config_file(tmp_path: Path) -> None:
+    env = GOOD_ENV | {"CONFIG_PATH": write(tmp_path, "subjects:\n  c: cus_1\n")}
+    with pytest.raises(ConfigError, match="subjects.c"):
+        create_app(env)

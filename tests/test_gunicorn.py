@@ -1,0 +1,67 @@
+"""End to end: the Dockerfile's exact CMD (gunicorn with gunicorn.conf.py), over a real socket."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Billing
+from tests.fake_stripe import FakeStripe
+from tests.harness import free_port, healthy, post, report, sign, start_service, wait_until
+
+@pytest.fixture
+def service(
+    environment: dict[str, str], billing: Billing, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    port = free_port()
+    log_path = tmp_path / "gunicorn.log"
+    process = start_service(environment | {"PORT": str(port)}, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(base) or process.poll() is not None, timeout=20)
+        assert process.poll() is None, log_path.read_text()
+        yield base, process, log_path
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def test_dockerfile_cmd_serves_webhooks(
+    service: tuple[str, subprocess.Popen[bytes], Path],
+    stripe_fake: FakeStripe,
+    billing: Billing,
+) -> None:
+    base, process, log_path = service
+    body = json.dumps(report([10, 20, 30]))
+    status, answer = post(f"{base}/webhook", body, sign(body, "msg_e2e"))
+    assert status == 200, answer
+    status, _ = post(f"{base}/webhook", body, sign(body, "msg_e2e"))  # a redelivery
+    assert status == 200
+    assert stripe_fake.usage_total(billing.api) == 60
+
+    status, answer = post(f"{base}/webhook", body, sign(body, "msg_e2e") | {"svix-signature": "v1"})
+    assert status == 401 and answer["error"] == "bad_signature"
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    webhooks = [line for line in lines if line["message"] == "webhook"]
+    assert [line["status"] for line in webhooks] == [200, 200, 401]
+    assert webhooks[0]["message_id"] == "msg_e2e" and webhooks[0]["windows"] == 3
+    writes = [line for line in lines if line["message"] == "stripe write"]
+    assert len(writes) == 6 and all(line["stripe_request_id"] for line in writes)
+
+
+def test_refuses_to_start_without_its_environment(tmp_path: Path) -> None:
+    log_path = tmp_path / "gunicorn.log"
+    process = start_service({"PORT": str(free_port())}, log_path)
+    assert process.wait(timeout=30) != 0
+    output = log_path.read_text()
+    assert "STRIPE_API_KEY is not set" in output
+    assert "OPENMETER_WEBHOOK_SECRET is not set" in output
