@@ -1,4 +1,4 @@
-"""Shared by the tests, the demo and the benchmark: signed deliveries and a service under gunicorn."""
+"""Shared by tests, demo and benchmark: signed deliveries, a service under gunicorn."""
 
 from __future__ import annotations
 
@@ -90,9 +90,7 @@ def example(name: str, shift_to: datetime | None = None) -> str:
     if shift_to is None:
         return text
     event = json.loads(text)
-    starts = [
-        datetime.fromisoformat(row["windowStart"]) for row in event.get("usage", [])
-    ]
+    starts = [datetime.fromisoformat(row["windowStart"]) for row in event.get("usage", [])]
     delta = shift_to - min(starts)
     for row in event["usage"]:
         for key in ("windowStart", "windowEnd"):

@@ -72,7 +72,7 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nowhere.yaml"):
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml"):
         load_config(str(tmp_path / "nowhere.yaml"))
 
 
@@ -107,5 +107,5 @@ def test_rotation_takes_several_secrets() -> None:
 
 def test_create_app_refuses_a_bad_config_file(tmp_path: Path) -> None:
     env = GOOD_ENV | {"CONFIG_PATH": write(tmp_path, "subjects:\n  c: cus_1\n")}
-    with pytest.raises(ConfigError, match="subjects.c"):
+    with pytest.raises(ConfigError, match=r"subjects\.c"):
         create_app(env)

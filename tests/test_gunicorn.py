@@ -14,6 +14,7 @@ from tests.conftest import Billing
 from tests.fake_stripe import FakeStripe
 from tests.harness import free_port, healthy, post, report, sign, start_service, wait_until
 
+
 @pytest.fixture
 def service(
     environment: dict[str, str], billing: Billing, tmp_path: Path
