@@ -23,11 +23,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal, InvalidOperation
+from decimal import (
+    ROUND_CEILING,
+    ROUND_FLOOR,
+    ROUND_HALF_EVEN,
+    ROUND_HALF_UP,
+    Context,
+    Decimal,
+    InvalidOperation,
+)
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import requests
 import stripe
@@ -44,8 +52,8 @@ TIME_BUDGET_SECONDS = 12.0
 STRIPE_CONNECT_TIMEOUT = 3.0
 STRIPE_READ_TIMEOUT = 8.0
 STRIPE_MAX_ATTEMPTS = 3
-ITEM_CACHE_TTL_SECONDS = 300.0
-ITEM_CACHE_MAX_SUBSCRIPTIONS = 10_000
+CACHE_TTL_SECONDS = 300.0
+CACHE_MAX_ENTRIES = 10_000
 
 log = logging.getLogger("bridge")
 
@@ -461,83 +469,7 @@ def parse_value(raw: Any, path: str) -> Decimal:
     return value
 
 
-# --- mapping ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """The Stripe object a report's windows are written to."""
-
-    subscription: str
-    item: str
-    mapping: MeterMapping
-
-
-def find_mapping(report: Report, config: Config) -> tuple[str, MeterMapping]:
-    """The subscription and meter mapping for a report, or a 422 telling what to add."""
-    subscription = config.subjects.get(report.subject)
-    mapping = config.meters.get(report.meter)
-    missing = []
-    if subscription is None:
-        missing.append(f"subject {report.subject!r} is not under 'subjects'")
-    if mapping is None:
-        missing.append(f"meter {report.meter!r} is not under 'meters'")
-    if subscription is None or mapping is None:
-        raise Unmapped(
-            "; ".join(missing) + " in config.yaml",
-            "Add it to config.yaml; Svix keeps retrying for about a day, so nothing is lost.",
-            subject=report.subject,
-            meter=report.meter,
-        )
-    return subscription, mapping
-
-
-@dataclass
-class _CachedItems:
-    fetched_at: float
-    item_by_price: dict[str, str]
-
-
-class ItemCache:
-    """Each subscription's items by price, so that webhooks do not list them (bounded, expiring)."""
-
-    def __init__(
-        self,
-        fetch: Callable[[str], dict[str, str]],
-        ttl: float = ITEM_CACHE_TTL_SECONDS,
-        max_entries: int = ITEM_CACHE_MAX_SUBSCRIPTIONS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._fetch = fetch
-        self._ttl = ttl
-        self._max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[str, _CachedItems] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def item_for(self, subscription: str, price: str) -> str | None:
-        """The item holding price; a miss refreshes once, so a newly added price is found."""
-        with self._lock:
-            entry = self._entries.get(subscription)
-            if entry and self._clock() - entry.fetched_at < self._ttl:
-                self._entries.move_to_end(subscription)
-                if price in entry.item_by_price:
-                    return entry.item_by_price[price]
-        item_by_price = self._fetch(subscription)
-        with self._lock:
-            self._entries[subscription] = _CachedItems(self._clock(), item_by_price)
-            self._entries.move_to_end(subscription)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        return item_by_price.get(price)
-
-    def forget(self, subscription: str) -> None:
-        """Drops a subscription whose items Stripe says have changed."""
-        with self._lock:
-            self._entries.pop(subscription, None)
-
-
-# --- reporting to Stripe ---------------------------------------------------------------------
+# --- talking to Stripe -----------------------------------------------------------------------
 
 T = TypeVar("T")
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar("deadline", default=math.inf)
@@ -643,8 +575,123 @@ def classify(error: stripe.StripeError, **details: Any) -> BridgeError:
     )
 
 
-def fetch_items(client: stripe.StripeClient, subscription: str) -> dict[str, str]:
-    """A subscription's items as price -> item (one call unless it has over 10 items)."""
+# --- mapping: which Stripe object bills a report ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """A subscription item and what its price says about metering."""
+
+    id: str
+    usage_type: str | None
+    aggregate_usage: str | None
+    meter: str | None
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A Stripe subscription: whom it bills, and its items by price."""
+
+    id: str
+    customer: str
+    items: Mapping[str, Item]
+
+
+@dataclass(frozen=True)
+class Meter:
+    """A Stripe Billing meter: how its events are named, keyed and aggregated."""
+
+    id: str
+    event_name: str
+    customer_key: str
+    value_key: str
+    formula: str
+    event_time_window: str | None
+    active: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a report's windows go: a legacy item's usage records, or a meter's events."""
+
+    subscription: Subscription
+    item: Item
+    mapping: MeterMapping
+    meter: Meter | None
+
+    @property
+    def kind(self) -> str:
+        """The Stripe API that takes the writes; discovered from the price, never configured."""
+        return "meter_events" if self.meter else "usage_records"
+
+    @property
+    def stripe_object(self) -> str:
+        """The object Stripe locks on a write: the item, or the customer's meter."""
+        if self.meter:
+            return f"{self.subscription.customer}/{self.meter.id}"
+        return self.item.id
+
+
+def find_mapping(report: Report, config: Config) -> tuple[str, MeterMapping]:
+    """The subscription and meter mapping for a report, or a 422 telling what to add."""
+    subscription = config.subjects.get(report.subject)
+    mapping = config.meters.get(report.meter)
+    missing = []
+    if subscription is None:
+        missing.append(f"subject {report.subject!r} is not under 'subjects'")
+    if mapping is None:
+        missing.append(f"meter {report.meter!r} is not under 'meters'")
+    if subscription is None or mapping is None:
+        raise Unmapped(
+            "; ".join(missing) + " in config.yaml",
+            "Add it to config.yaml; Svix keeps retrying for about a day, so nothing is lost.",
+            subject=report.subject,
+            meter=report.meter,
+        )
+    return subscription, mapping
+
+
+V = TypeVar("V")
+
+
+class Cache(Generic[V]):
+    """Stripe objects by ID, bounded and expiring, so that webhooks do not ask Stripe each time."""
+
+    def __init__(
+        self,
+        ttl: float = CACHE_TTL_SECONDS,
+        max_entries: int = CACHE_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, fetch: Callable[[str], V], usable: Callable[[V], bool] = bool) -> V:
+        """The cached object if fresh and usable, else a fresh one (so a miss refreshes once)."""
+        with self._lock:
+            fetched_at, value = self._entries.get(key, (-math.inf, None))
+            if self._clock() - fetched_at < self._ttl and value is not None and usable(value):
+                self._entries.move_to_end(key)
+                return value
+        value = fetch(key)
+        with self._lock:
+            self._entries[key] = (self._clock(), value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def forget(self, key: str) -> None:
+        """Drops an object that Stripe says has changed."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
+    """A subscription, its customer and items (one call unless it has over 10 items)."""
     try:
         found = call_stripe(partial(client.v1.subscriptions.retrieve, subscription)).to_dict()
         items, has_more = found["items"]["data"], found["items"]["has_more"]
@@ -659,33 +706,139 @@ def fetch_items(client: stripe.StripeClient, subscription: str) -> dict[str, str
             items, has_more = items + page["data"], page["has_more"]
     except stripe.StripeError as error:
         raise classify(error, subscription=subscription) from error
-    return {item["price"]["id"]: item["id"] for item in items}
+    customer = found["customer"]
+    return Subscription(
+        id=subscription,
+        customer=customer if isinstance(customer, str) else customer["id"],
+        items={
+            item["price"]["id"]: Item(
+                id=item["id"],
+                usage_type=(item["price"].get("recurring") or {}).get("usage_type"),
+                aggregate_usage=(item["price"].get("recurring") or {}).get("aggregate_usage"),
+                meter=(item["price"].get("recurring") or {}).get("meter"),
+            )
+            for item in items
+        },
+    )
 
 
-def resolve_target(report: Report, config: Config, items: ItemCache) -> Target:
-    """Finds the subscription item that bills this report's meter for its subject."""
-    subscription, mapping = find_mapping(report, config)
-    item = items.item_for(subscription, mapping.price)
+def fetch_meter(client: stripe.StripeClient, meter: str) -> Meter:
+    """A billing meter's event name, payload keys and aggregation."""
+    try:
+        found = call_stripe(partial(client.v1.billing.meters.retrieve, meter)).to_dict()
+    except stripe.StripeError as error:
+        raise classify(error, meter=meter) from error
+    return Meter(
+        id=meter,
+        event_name=found["event_name"],
+        customer_key=found["customer_mapping"]["event_payload_key"],
+        value_key=found["value_settings"]["event_payload_key"],
+        formula=found["default_aggregation"]["formula"],
+        event_time_window=found.get("event_time_window"),
+        active=found.get("status") == "active",
+    )
+
+
+def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
+    """Finds the item, and the meter if its price has one, that bill this report."""
+    subscription_id, mapping = find_mapping(report, config)
+    subscription = bridge.subscriptions.get(
+        subscription_id,
+        partial(fetch_subscription, bridge.stripe),
+        lambda found: mapping.price in found.items,
+    )
+    item = subscription.items.get(mapping.price)
     if item is None:
         raise StripeRefused(
-            f"subscription {subscription} has no item with price {mapping.price}",
+            f"subscription {subscription_id} has no item with price {mapping.price}",
             f"Add {mapping.price} to the subscription in Stripe, or fix meters.{report.meter} "
             "in config.yaml; Svix retries for about a day.",
-            subscription=subscription,
+            subscription=subscription_id,
             price=mapping.price,
         )
-    return Target(subscription=subscription, item=item, mapping=mapping)
+    if item.usage_type != "metered":
+        raise StripeRefused(
+            f"price {mapping.price} is not metered, so it cannot take usage",
+            f"Map meters.{report.meter} to a metered price in config.yaml.",
+            price=mapping.price,
+        )
+    meter = None
+    if item.meter:
+        meter = bridge.meters.get(item.meter, partial(fetch_meter, bridge.stripe))
+        if not meter.active:
+            raise StripeRefused(
+                f"meter {meter.id} of price {mapping.price} is not active",
+                "Reactivate the meter in Stripe; Svix retries for about a day.",
+                meter=meter.id,
+            )
+    return Target(subscription, item, mapping, meter)
+
+
+# --- planning: what each window becomes in Stripe --------------------------------------------
+
+# OpenMeter aggregation -> the Stripe aggregations (legacy aggregate_usage, or a meter's formula)
+# that bill the same amount when each window is set once. UNIQUE_COUNT, AVG and MIN have none.
+COMPATIBLE_AGGREGATIONS = {
+    "SUM": {"sum"},
+    "COUNT": {"sum"},
+    "MAX": {"max"},
+    "LATEST": {"last_during_period", "last_ever", "last"},
+}
+BUCKET_SECONDS = {"hour": 3600, "day": 86400}
+METER_EVENT_MAX_AGE_SECONDS = 35 * 86400 - 3600  # Stripe's 35 days, less an hour of retries
+# Stripe takes meter event values with at most 15 significant digits.
+METER_VALUE = Context(prec=15, rounding=ROUND_HALF_EVEN)
 
 
 @dataclass(frozen=True)
-class UsageRecord:
-    """One legacy usage record: the quantity of one window, set at the window's timestamp."""
+class Write:
+    """One window as Stripe receives it: a usage record or a meter event."""
 
     window: Window
-    item: str
     timestamp: int
-    quantity: int
-    idempotency_key: str = field(repr=False)
+    value: str  # a whole quantity for a usage record, a decimal string for a meter event
+    key: str  # the idempotency key of a usage record, the identifier of a meter event
+
+
+def check_aggregation(report: Report, target: Target) -> None:
+    """Refuses a report whose aggregation Stripe would bill differently (a 422 naming both)."""
+    stripe_side = target.meter.formula if target.meter else target.item.aggregate_usage
+    if stripe_side == "count":
+        raise StripeRefused(
+            f"meter {target.meter and target.meter.id} counts events and cannot take values",
+            "Use a meter whose aggregation is sum (or last) for this price.",
+        )
+    aggregation = (report.aggregation or "").upper()
+    if aggregation and stripe_side not in COMPATIBLE_AGGREGATIONS.get(aggregation, set()):
+        raise StripeRefused(
+            f"OpenMeter meter {report.meter!r} aggregates with {aggregation}, but Stripe "
+            f"price {target.mapping.price} aggregates with {stripe_side}: the bill would be wrong",
+            "SUM and COUNT need a sum price or meter, MAX a legacy max price, LATEST a "
+            "last_during_period, last_ever or last one; UNIQUE_COUNT, AVG and MIN fit none.",
+            openmeter_aggregation=aggregation,
+            stripe_aggregation=stripe_side,
+        )
+
+
+def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
+    """Refuses windows a meter cannot take: too old, or not exactly one pre-aggregation bucket."""
+    start, end = window.start.timestamp(), window.end.timestamp()
+    if start < now.timestamp() - METER_EVENT_MAX_AGE_SECONDS:
+        raise StripeRefused(
+            f"window {window.start.isoformat()} is older than Stripe's 35 days for meter events",
+            "Stripe cannot take this usage any more; bill it by hand if it matters.",
+            window_start=window.start.isoformat(),
+        )
+    size = meter.event_time_window or ""
+    bucket = BUCKET_SECONDS.get(size)
+    if bucket and (start % bucket or end - start != bucket):
+        raise StripeRefused(
+            f"window {window.start.isoformat()}..{window.end.isoformat()} is not exactly one "
+            f"{size} of meter {meter.id}, so windows would overwrite each other",
+            f"Report this meter from OpenMeter with windowSize {size.upper()} (or map it to a "
+            "meter whose event_time_window matches).",
+            window_start=window.start.isoformat(),
+        )
 
 
 def window_timestamp(window: Window) -> int:
@@ -699,6 +852,14 @@ def to_quantity(value: Decimal, mapping: MeterMapping) -> int:
     return int(DECIMAL.multiply(value, mapping.multiplier).quantize(Decimal(1), rounding, DECIMAL))
 
 
+def to_meter_value(value: Decimal, mapping: MeterMapping) -> str:
+    """A window's value as a meter event takes it: a decimal string, rounded only if configured."""
+    if mapping.rounding:
+        return str(to_quantity(value, mapping))
+    exact = METER_VALUE.plus(DECIMAL.multiply(value, mapping.multiplier)).normalize(METER_VALUE)
+    return f"{exact:f}"
+
+
 def idempotency_key(message_id: str, *meaning: object) -> str:
     """A key per write: the message and what the write means, so that only a true repeat replays."""
     key = ":".join([message_id, *map(str, meaning)])
@@ -707,38 +868,154 @@ def idempotency_key(message_id: str, *meaning: object) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def plan_usage_records(report: Report, target: Target, message_id: str) -> list[UsageRecord]:
-    """The writes a report makes: one record per window."""
-    records = []
+def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> str:
+    """Raw meters: one event per window, ever. Pre-aggregated: one per message and window."""
+    assert target.meter
+    meaning = [target.meter.event_name, target.subscription.customer, str(timestamp)]
+    # A pre-aggregated meter keeps the newest event per bucket, so each message must be new to it;
+    # a raw meter adds every event, so a window must never be sent twice.
+    if target.meter.event_time_window:
+        meaning.insert(0, message_id)
+    return "om-" + hashlib.sha256("\n".join(meaning).encode()).hexdigest()[:48]
+
+
+def plan_writes(report: Report, target: Target, message_id: str, now: datetime) -> list[Write]:
+    """Checks a report against its target's rules and computes every write, before any is sent."""
+    check_aggregation(report, target)
+    writes = []
     for window in report.windows:
         timestamp = window_timestamp(window)
         if timestamp >= window.end.timestamp():
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
-        quantity = to_quantity(window.value, target.mapping)
-        key = idempotency_key(message_id, target.item, timestamp, quantity)
-        records.append(UsageRecord(window, target.item, timestamp, quantity, key))
-    return records
+        if target.meter:
+            check_meter_window(window, target.meter, now)
+            value = to_meter_value(window.value, target.mapping)
+            key = meter_event_identifier(message_id, target, timestamp)
+        else:
+            value = str(to_quantity(window.value, target.mapping))
+            key = idempotency_key(message_id, target.item.id, timestamp, value)
+        writes.append(Write(window, timestamp, value, key))
+    return writes
 
 
-def write_usage_record(client: stripe.StripeClient, record: UsageRecord) -> str | None:
-    """Sets one window's quantity (a repeat overwrites); returns Stripe's request id."""
-    if record.timestamp > time.time():
+# --- writing to Stripe -----------------------------------------------------------------------
+
+_object_locks: dict[str, threading.Lock] = {}
+_object_locks_guard = threading.Lock()
+
+
+@contextmanager
+def one_writer(stripe_object: str) -> Iterator[None]:
+    """Writes to one Stripe object one at a time: concurrent writes hit Stripe's lock timeouts."""
+    with _object_locks_guard:
+        lock = _object_locks.setdefault(stripe_object, threading.Lock())
+    if not lock.acquire(timeout=max(min(time_left(), TIME_BUDGET_SECONDS), 0)):
         raise StripeUnavailable(
-            f"window {record.window.start.isoformat()} started less than a second ago",
+            f"another webhook kept {stripe_object} busy until the time budget ran out",
+            "Svix will retry.",
+        )
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str | None:
+    """Sends one window to Stripe; returns Stripe's request id (None: it already had it)."""
+    if write.timestamp > time.time():
+        raise StripeUnavailable(
+            f"window {write.window.start.isoformat()} started less than a second ago",
             "Svix will retry in a moment.",
         )
-    response = call_stripe(
-        lambda: client.raw_request(
-            "post",
-            f"/v1/subscription_items/{record.item}/usage_records",
-            quantity=record.quantity,
-            timestamp=record.timestamp,
-            action="set",
-            stripe_version=USAGE_RECORDS_API_VERSION,
-            idempotency_key=record.idempotency_key,
+    if target.meter is None:
+        response = call_stripe(
+            lambda: client.raw_request(
+                "post",
+                f"/v1/subscription_items/{target.item.id}/usage_records",
+                quantity=int(write.value),
+                timestamp=write.timestamp,
+                action="set",  # a repeat or a correction overwrites the window
+                stripe_version=USAGE_RECORDS_API_VERSION,
+                idempotency_key=write.key,
+            )
         )
-    )
+        return str(response.request_id)
+    meter = target.meter
+    try:
+        response = call_stripe(
+            lambda: client.raw_request(
+                "post",
+                "/v1/billing/meter_events",
+                event_name=meter.event_name,
+                payload={
+                    meter.customer_key: target.subscription.customer,
+                    meter.value_key: write.value,
+                },
+                timestamp=write.timestamp,
+                identifier=write.key,
+            )
+        )
+    except stripe.InvalidRequestError as error:
+        if _already_exists(error):
+            return None
+        raise
     return str(response.request_id)
+
+
+def _already_exists(error: stripe.InvalidRequestError) -> bool:
+    """Stripe's answer to an identifier it already has: the event is in, which is success."""
+    # Stripe gives this error no code; its param, or failing that its fixed wording, tells it.
+    return error.param == "identifier" or "already exists with identifier" in str(
+        error.user_message
+    )
+
+
+def write_report(bridge: Bridge, target: Target, writes: Sequence[Write]) -> None:
+    """Sends every window in order; a refused window does not keep the others from Stripe."""
+    refused: list[dict[str, Any]] = []
+    with one_writer(target.stripe_object):
+        for write in writes:
+            facts: dict[str, Any] = {
+                "kind": target.kind,
+                "key": write.key,
+                "timestamp": write.timestamp,
+                "value": write.value,
+                "stripe_object": target.stripe_object,
+            }
+            try:
+                request_id = send_write(bridge.stripe, target, write)
+            except stripe.StripeError as error:
+                window = {
+                    "window_start": write.window.start.isoformat(),
+                    "window_end": write.window.end.isoformat(),
+                }
+                problem = classify(error, **window)
+                log_event(
+                    "stripe write failed",
+                    logging.WARNING,
+                    **facts,
+                    stripe_request_id=error.request_id,
+                    status=problem.status,
+                )
+                if isinstance(problem, StripeUnavailable):
+                    raise problem from error
+                bridge.subscriptions.forget(target.subscription.id)
+                refused.append(problem.body())
+                continue
+            if request_id is None and target.meter and not target.meter.event_time_window:
+                log_event(
+                    "raw meter kept the window's first event",
+                    logging.WARNING,
+                    **facts,
+                    hint="a correction of this window, if it was one, is not applied",
+                )
+            log_event("stripe write", **facts, stripe_request_id=request_id)
+    if refused:
+        raise StripeRefused(
+            f"Stripe refused {len(refused)} of {len(writes)} windows: {refused[0]['message']}",
+            refused[0]["hint"],
+            refused=refused,
+        )
 
 
 # --- the Flask app ---------------------------------------------------------------------------
@@ -783,13 +1060,14 @@ class Bridge:
     settings: Settings
     config: Config
     stripe: stripe.StripeClient
-    items: ItemCache
+    subscriptions: Cache[Subscription]
+    meters: Cache[Meter]
 
 
 def process_webhook(
     bridge: Bridge, body: bytes, headers: Mapping[str, str], facts: dict[str, Any]
 ) -> dict[str, Any]:
-    """Verify, parse, map, write: the whole path of one webhook; returns the 200 answer."""
+    """Verify, parse, map, plan, write: the whole path of one webhook; returns the 200 answer."""
     message_id = verify(body, headers, bridge.settings.webhook_secrets)
     facts["message_id"] = message_id
     event = decode_json(body)
@@ -797,59 +1075,21 @@ def process_webhook(
     if kind != "report.meter":
         facts["type"] = kind
         return {"outcome": "ignored", "type": kind, "message_id": message_id}
-    report = parse_report(event, datetime.now(UTC))
+    now = datetime.now(UTC)
+    report = parse_report(event, now)
     facts.update(subject=report.subject, meter=report.meter, windows=len(report.windows))
-    target = resolve_target(report, bridge.config, bridge.items)
-    records = plan_usage_records(report, target, message_id)
-    refused: list[dict[str, Any]] = []
-    for record in records:
-        window = {
-            "window_start": record.window.start.isoformat(),
-            "window_end": record.window.end.isoformat(),
-        }
-        try:
-            request_id = write_usage_record(bridge.stripe, record)
-        except stripe.StripeError as error:
-            problem = classify(error, **window)
-            log_event(
-                "stripe write failed",
-                logging.WARNING,
-                idempotency_key=record.idempotency_key,
-                item=record.item,
-                timestamp=record.timestamp,
-                quantity=record.quantity,
-                stripe_request_id=error.request_id,
-                status=problem.status,
-            )
-            if isinstance(problem, StripeUnavailable):
-                raise problem from error
-            # A refused window must not keep the others from being written.
-            bridge.items.forget(target.subscription)
-            refused.append(problem.body())
-            continue
-        log_event(
-            "stripe write",
-            idempotency_key=record.idempotency_key,
-            item=record.item,
-            timestamp=record.timestamp,
-            quantity=record.quantity,
-            stripe_request_id=request_id,
-        )
-    if refused:
-        first = refused[0]
-        raise StripeRefused(
-            f"Stripe refused {len(refused)} of {len(records)} windows: {first['message']}",
-            first["hint"],
-            refused=refused,
-        )
+    target = resolve_target(report, bridge.config, bridge)
+    facts["kind"] = target.kind
+    writes = plan_writes(report, target, message_id, now)
+    write_report(bridge, target, writes)
     return {
         "outcome": "written",
         "message_id": message_id,
         "subject": report.subject,
         "meter": report.meter,
-        "subscription_item": target.item,
-        "windows": len(records),
-        "quantity": sum(record.quantity for record in records),
+        "kind": target.kind,
+        "stripe_object": target.stripe_object,
+        "windows": len(writes),
     }
 
 
@@ -869,8 +1109,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     environ = {**os.environ, **(test_config or {})}
     settings = settings_from_env(environ)
     config = load_config(settings.config_path)
-    client = make_stripe_client(settings)
-    bridge = Bridge(settings, config, client, ItemCache(lambda sub: fetch_items(client, sub)))
+    bridge = Bridge(settings, config, make_stripe_client(settings), Cache(), Cache())
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
