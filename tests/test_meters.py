@@ -298,6 +298,7 @@ def test_concurrent_reports_to_one_meter_are_written_one_at_a_time(
 ) -> None:
     deliver(client, report([1], meter="api_calls", first=hours_ago(20)), "msg_warm")
     stripe_fake.latency = 0.2
+    stripe_fake.lock_wait = 0.05  # Stripe answers lock_timeout to any overlap
     statuses: list[int] = []
 
     def send(index: int) -> None:
