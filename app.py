@@ -970,18 +970,32 @@ def _already_exists(error: stripe.InvalidRequestError) -> bool:
     )
 
 
+def write_facts(target: Target, write: Write) -> dict[str, Any]:
+    """What a log line says of one write, in the words of its Stripe API."""
+    if target.meter is None:
+        return {
+            "kind": target.kind,
+            "idempotency_key": write.key,
+            "item": target.item.id,
+            "timestamp": write.timestamp,
+            "quantity": int(write.value),
+        }
+    return {
+        "kind": target.kind,
+        "identifier": write.key,
+        "event_name": target.meter.event_name,
+        "customer": target.subscription.customer,
+        "timestamp": write.timestamp,
+        "value": write.value,
+    }
+
+
 def write_report(bridge: Bridge, target: Target, writes: Sequence[Write]) -> None:
     """Sends every window in order; a refused window does not keep the others from Stripe."""
     refused: list[dict[str, Any]] = []
     with one_writer(target.stripe_object):
         for write in writes:
-            facts: dict[str, Any] = {
-                "kind": target.kind,
-                "key": write.key,
-                "timestamp": write.timestamp,
-                "value": write.value,
-                "stripe_object": target.stripe_object,
-            }
+            facts = write_facts(target, write)
             try:
                 request_id = send_write(bridge.stripe, target, write)
             except stripe.StripeError as error:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Billing
+from tests.conftest import API_KEY, Billing
 from tests.fake_stripe import FakeStripe
-from tests.harness import free_port, healthy, post, report, sign, start_service, wait_until
+from tests.harness import SECRET, free_port, healthy, post, report, sign, start_service, wait_until
 
 
 @pytest.fixture
@@ -57,6 +57,11 @@ def test_dockerfile_cmd_serves_webhooks(
     assert webhooks[0]["message_id"] == "msg_e2e" and webhooks[0]["windows"] == 3
     writes = [line for line in lines if line["message"] == "stripe write"]
     assert len(writes) == 6 and all(line["stripe_request_id"] for line in writes)
+    assert {line["item"] for line in writes} == {billing.api}
+    assert [line["quantity"] for line in writes[:3]] == [10, 20, 30]
+    assert all(line["idempotency_key"].startswith("msg_e2e:") for line in writes)
+    text = log_path.read_text()
+    assert API_KEY not in text and SECRET.removeprefix("whsec_") not in text
 
 
 def test_refuses_to_start_without_its_environment(tmp_path: Path) -> None:
