@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit demo clean
+.PHONY: run test lint unit demo check-config clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it.
 $(BIN)/.runtime: requirements.txt
@@ -31,6 +31,10 @@ lint: $(BIN)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+
+## check-config: validate $(CONFIG_PATH) (default config.yaml) offline; ARGS=--online asks Stripe too
+check-config: $(BIN)/.runtime
+	$(BIN)/flask --app app check-config $(ARGS)
 
 ## demo: the service against a local fake Stripe, one signed example report, and what landed
 demo: $(BIN)/.dev

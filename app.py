@@ -37,12 +37,16 @@ from decimal import (
 from functools import partial
 from typing import Any, Generic, TypeVar
 
+import click
 import requests
 import stripe
 import yaml
 from flask import Flask, Response, jsonify, request
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
 USAGE_RECORDS_API_VERSION = "2025-02-24.acacia"
@@ -110,6 +114,64 @@ class StripeUnavailable(BridgeError):
     status, code = 503, "stripe_unavailable"
 
 
+# --- logs and metrics ------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; json.dumps escapes anything a sender puts in a name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's message and fields as a JSON line."""
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def log_event(message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Logs one event with structured fields."""
+    log.log(level, message, extra={"fields": fields})
+
+
+def _configure_logging() -> None:
+    """Sends the bridge's log lines to stderr as JSON, unless something configured it already."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+# Under gunicorn these live in files shared by the workers (PROMETHEUS_MULTIPROC_DIR).
+WEBHOOKS = Counter("bridge_webhooks_total", "Webhooks answered.", ["outcome", "status"])
+WINDOWS_WRITTEN = Counter("bridge_windows_written_total", "Windows Stripe accepted.", ["kind"])
+STRIPE_SECONDS = Histogram(
+    "bridge_stripe_request_seconds",
+    "Stripe request latency.",
+    ["operation"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STRIPE_ERRORS = Counter("bridge_stripe_errors_total", "Stripe errors.", ["error_class"])
+CONFIG_RELOADS = Counter("bridge_config_reloads_total", "config.yaml reloads.", ["result"])
+
+
+def metrics_text() -> bytes:
+    """Every worker's metrics in Prometheus' text format."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 ROUNDING_MODES = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "nearest": ROUND_HALF_UP}
@@ -143,18 +205,22 @@ class Settings:
     config_path: str = "config.yaml"
     stripe_api_base: str | None = None
     port: int = 8080
+    trusted_proxies: int = 0
 
 
-def settings_from_env(environ: Mapping[str, str]) -> Settings:
+def settings_from_env(
+    environ: Mapping[str, str],
+    required: Sequence[str] = ("STRIPE_API_KEY", "OPENMETER_WEBHOOK_SECRET"),
+) -> Settings:
     """Reads the settings, naming every missing or malformed variable (never its value)."""
     problems = []
     api_key = environ.get("STRIPE_API_KEY", "").strip()
-    if not api_key:
+    if not api_key and "STRIPE_API_KEY" in required:
         problems.append("STRIPE_API_KEY is not set: give the Stripe secret (sk_) or restricted key")
-    elif not api_key.startswith(("sk_", "rk_")):
+    elif api_key and not api_key.startswith(("sk_", "rk_")):
         problems.append("STRIPE_API_KEY must be a secret (sk_...) or restricted (rk_...) key")
     secrets = tuple(environ.get("OPENMETER_WEBHOOK_SECRET", "").split())
-    if not secrets:
+    if not secrets and "OPENMETER_WEBHOOK_SECRET" in required:
         problems.append("OPENMETER_WEBHOOK_SECRET is not set: give the endpoint's whsec_ secret")
     for number, secret in enumerate(secrets, start=1):
         if not _is_webhook_secret(secret):
@@ -167,15 +233,24 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     port = environ.get("PORT", "8080").strip()
     if not (port.isdigit() and 0 < int(port) < 65536):
         problems.append("PORT must be a TCP port number (1-65535)")
+    proxies = environ.get("TRUSTED_PROXIES", "0").strip()
+    if not (proxies.isdigit() and int(proxies) < 10):
+        problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
     if problems:
         raise ConfigError(problems)
     return Settings(
         stripe_api_key=api_key,
         webhook_secrets=secrets,
-        config_path=environ.get("CONFIG_PATH", "").strip() or "config.yaml",
+        config_path=config_path(environ),
         stripe_api_base=api_base,
         port=int(port),
+        trusted_proxies=int(proxies),
     )
+
+
+def config_path(environ: Mapping[str, str]) -> str:
+    """Where config.yaml is: CONFIG_PATH, or the working directory."""
+    return environ.get("CONFIG_PATH", "").strip() or "config.yaml"
 
 
 def _is_webhook_secret(secret: str) -> bool:
@@ -190,18 +265,108 @@ def _is_webhook_secret(secret: str) -> bool:
 
 def load_config(path: str) -> Config:
     """Reads and validates config.yaml, listing every bad entry by its path."""
+    return parse_config_file(read_file(path))
+
+
+def read_file(path: str) -> bytes:
+    """A config file's bytes, or a ConfigError naming it."""
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-        document = yaml.compose(text, Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
         raise ConfigError([f"{path}: cannot read: {error}"]) from error
+
+
+def parse_config_file(raw: bytes) -> Config:
+    """Validates config.yaml's bytes."""
+    try:
+        document = yaml.compose(raw.decode("utf-8"), Loader=yaml.SafeLoader)
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError([f"not valid YAML: {error}"]) from error
     problems: list[str] = []
     if document is not None:
         _find_duplicate_keys(document, "", problems)
     if problems:
         raise ConfigError(problems)
-    return parse_config(yaml.safe_load(text), problems)
+    return parse_config(yaml.safe_load(raw), problems)
+
+
+class ConfigSource:
+    """config.yaml as it is now: re-read when its bytes change, the last good version kept.
+
+    Comparing content (not mtime or inode) catches every way of replacing the file: an edit, an
+    atomic rename, a Kubernetes ConfigMap's symlink swap.
+    """
+
+    CHECK_EVERY_SECONDS = 1.0
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        raw = read_file(path)
+        self.config, self.checksum = parse_config_file(raw), _sha256(raw)
+        self.loaded_at = datetime.now(UTC)
+        self.error: str | None = None
+        self._rejected: str | None = None  # the checksum of the last invalid version, logged once
+        self._checked_at = clock()
+        self._lock = threading.Lock()
+
+    def current(self) -> Config:
+        """The newest valid config, checking the file at most once a second."""
+        due = self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS
+        if due and self._lock.acquire(blocking=False):
+            try:
+                self._checked_at = self._clock()
+                self._reload_if_changed()
+            finally:
+                self._lock.release()
+        return self.config
+
+    def _reload_if_changed(self) -> None:
+        """Swaps in a changed file if it is valid; otherwise keeps serving the old one."""
+        try:
+            raw = read_file(self.path)
+        except ConfigError as error:
+            self._reject("unreadable", error)
+            return
+        checksum = _sha256(raw)
+        if checksum == self.checksum:
+            self.error = self._rejected = None  # an edit was undone
+            return
+        if checksum == self._rejected:
+            return
+        try:
+            config = parse_config_file(raw)
+        except ConfigError as error:
+            self._reject(checksum, error)
+            return
+        self.config, self.checksum, self.loaded_at = config, checksum, datetime.now(UTC)
+        self.error = self._rejected = None
+        CONFIG_RELOADS.labels("loaded").inc()
+        log_event("config reloaded", path=self.path, checksum=checksum)
+
+    def _reject(self, version: str, error: ConfigError) -> None:
+        """Keeps the last good config, and says so once per bad version of the file."""
+        if self._rejected != version:
+            self._rejected, self.error = version, "; ".join(error.problems)
+            CONFIG_RELOADS.labels("failed").inc()
+            log_event(
+                "config reload failed", logging.ERROR, path=self.path, problems=error.problems
+            )
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz says about the config."""
+        return {
+            "path": self.path,
+            "checksum": self.checksum,
+            "loaded_at": self.loaded_at.isoformat(),
+            "last_reload_error": self.error,
+        }
+
+
+def _sha256(raw: bytes) -> str:
+    """A config version's checksum, as /readyz shows it."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _find_duplicate_keys(node: yaml.Node, path: str, problems: list[str]) -> None:
@@ -518,7 +683,7 @@ def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     )
 
 
-def call_stripe(send: Callable[[], T]) -> T:
+def call_stripe(operation: str, send: Callable[[], T]) -> T:
     """Runs one Stripe request, retrying what Stripe says is safe to retry while time is left."""
     for attempt in range(1, STRIPE_MAX_ATTEMPTS + 1):
         if time_left() <= 0.1:
@@ -527,8 +692,10 @@ def call_stripe(send: Callable[[], T]) -> T:
                 "Svix will retry; writes already made are idempotent and will not count twice.",
             )
         try:
-            return send()
+            with STRIPE_SECONDS.labels(operation).time():
+                return send()
         except stripe.StripeError as error:
+            STRIPE_ERRORS.labels(type(error).__name__).inc()
             delay = 0.25 * 2**attempt
             if attempt == STRIPE_MAX_ATTEMPTS or not _retryable(error) or time_left() < delay + 1:
                 raise
@@ -693,15 +860,18 @@ class Cache(Generic[V]):
 def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
     """A subscription, its customer and items (one call unless it has over 10 items)."""
     try:
-        found = call_stripe(partial(client.v1.subscriptions.retrieve, subscription)).to_dict()
+        found = call_stripe(
+            "retrieve_subscription", partial(client.v1.subscriptions.retrieve, subscription)
+        ).to_dict()
         items, has_more = found["items"]["data"], found["items"]["has_more"]
         while has_more:
             after = items[-1]["id"]
             page = call_stripe(
+                "list_subscription_items",
                 partial(
                     client.v1.subscription_items.list,
                     params={"subscription": subscription, "limit": 100, "starting_after": after},
-                )
+                ),
             ).to_dict()
             items, has_more = items + page["data"], page["has_more"]
     except stripe.StripeError as error:
@@ -725,7 +895,9 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
 def fetch_meter(client: stripe.StripeClient, meter: str) -> Meter:
     """A billing meter's event name, payload keys and aggregation."""
     try:
-        found = call_stripe(partial(client.v1.billing.meters.retrieve, meter)).to_dict()
+        found = call_stripe(
+            "retrieve_meter", partial(client.v1.billing.meters.retrieve, meter)
+        ).to_dict()
     except stripe.StripeError as error:
         raise classify(error, meter=meter) from error
     return Meter(
@@ -929,6 +1101,7 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
         )
     if target.meter is None:
         response = call_stripe(
+            "usage_record",
             lambda: client.raw_request(
                 "post",
                 f"/v1/subscription_items/{target.item.id}/usage_records",
@@ -937,12 +1110,13 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
                 action="set",  # a repeat or a correction overwrites the window
                 stripe_version=USAGE_RECORDS_API_VERSION,
                 idempotency_key=write.key,
-            )
+            ),
         )
         return str(response.request_id)
     meter = target.meter
     try:
         response = call_stripe(
+            "meter_event",
             lambda: client.raw_request(
                 "post",
                 "/v1/billing/meter_events",
@@ -953,7 +1127,7 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
                 },
                 timestamp=write.timestamp,
                 identifier=write.key,
-            )
+            ),
         )
     except stripe.InvalidRequestError as error:
         if _already_exists(error):
@@ -1023,6 +1197,7 @@ def write_report(bridge: Bridge, target: Target, writes: Sequence[Write]) -> Non
                     **facts,
                     hint="a correction of this window, if it was one, is not applied",
                 )
+            WINDOWS_WRITTEN.labels(target.kind).inc()
             log_event("stripe write", **facts, stripe_request_id=request_id)
     if refused:
         raise StripeRefused(
@@ -1035,54 +1210,53 @@ def write_report(bridge: Bridge, target: Target, writes: Sequence[Write]) -> Non
 # --- the Flask app ---------------------------------------------------------------------------
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; json.dumps escapes anything a sender puts in a name."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record's message and fields as a JSON line."""
-        line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **getattr(record, "fields", {}),
-        }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def log_event(message: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Logs one event with structured fields."""
-    log.log(level, message, extra={"fields": fields})
-
-
-def _configure_logging() -> None:
-    """Sends the bridge's log lines to stderr as JSON, unless something configured it already."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 @dataclass
 class Bridge:
     """Everything a webhook needs: settings, the mapping, the Stripe client and its caches."""
 
     settings: Settings
-    config: Config
+    config: ConfigSource
     stripe: stripe.StripeClient
     subscriptions: Cache[Subscription]
     meters: Cache[Meter]
 
 
+def make_bridge(
+    environ: Mapping[str, str],
+    required: Sequence[str] = ("STRIPE_API_KEY", "OPENMETER_WEBHOOK_SECRET"),
+) -> Bridge:
+    """The bridge from the environment and config.yaml; a ConfigError lists all that is wrong."""
+    problems = []
+    try:
+        settings = settings_from_env(environ, required)
+    except ConfigError as error:
+        problems += error.problems
+    try:
+        config = ConfigSource(config_path(environ))
+    except ConfigError as error:
+        problems += error.problems
+    if problems:
+        raise ConfigError(problems)
+    return Bridge(settings, config, make_stripe_client(settings), Cache(), Cache())
+
+
 def process_webhook(
     bridge: Bridge, body: bytes, headers: Mapping[str, str], facts: dict[str, Any]
 ) -> dict[str, Any]:
-    """Verify, parse, map, plan, write: the whole path of one webhook; returns the 200 answer."""
+    """Verify, then the rest of the path; returns the 200 answer."""
     message_id = verify(body, headers, bridge.settings.webhook_secrets)
+    return process_event(bridge, body, message_id, facts)
+
+
+def process_event(
+    bridge: Bridge,
+    body: bytes,
+    message_id: str,
+    facts: dict[str, Any],
+    *,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Parse, map, plan, write: what happens to a verified event (and to a replayed one)."""
     facts["message_id"] = message_id
     event = decode_json(body)
     kind = event_type(event)
@@ -1092,12 +1266,11 @@ def process_webhook(
     now = datetime.now(UTC)
     report = parse_report(event, now)
     facts.update(subject=report.subject, meter=report.meter, windows=len(report.windows))
-    target = resolve_target(report, bridge.config, bridge)
+    target = resolve_target(report, bridge.config.current(), bridge)
     facts["kind"] = target.kind
     writes = plan_writes(report, target, message_id, now)
-    write_report(bridge, target, writes)
-    return {
-        "outcome": "written",
+    answer = {
+        "outcome": "dry_run" if dry_run else "written",
         "message_id": message_id,
         "subject": report.subject,
         "meter": report.meter,
@@ -1105,6 +1278,10 @@ def process_webhook(
         "stripe_object": target.stripe_object,
         "windows": len(writes),
     }
+    if dry_run:
+        return answer | {"writes": [write_facts(target, write) for write in writes]}
+    write_report(bridge, target, writes)
+    return answer
 
 
 def read_body() -> bytes:
@@ -1117,36 +1294,65 @@ def read_body() -> bytes:
         ) from error
 
 
+class NotReady(BridgeError):
+    status, code = 503, "not_ready"
+
+
 def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
-    """Builds the service from the environment; test_config overrides environment variables."""
+    """Builds the service from the environment; test_config overrides environment variables.
+
+    A missing variable or a bad config.yaml leaves the app unready (serve() then refuses to
+    start), so that the CLI commands, which need less, still run.
+    """
     _configure_logging()
     environ = {**os.environ, **(test_config or {})}
-    settings = settings_from_env(environ)
-    config = load_config(settings.config_path)
-    bridge = Bridge(settings, config, make_stripe_client(settings), Cache(), Cache())
-
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.extensions["bridge"] = bridge
+    bridge: Bridge | None = None
+    problems: list[str] = []
+    try:
+        bridge = make_bridge(environ)
+    except ConfigError as error:
+        problems = error.problems
+    app.extensions["bridge"], app.extensions["problems"] = bridge, problems
+    if bridge and bridge.settings.trusted_proxies:
+        hops = bridge.settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
 
     @app.get("/healthz")
     def healthz() -> Response:
         """Liveness: the process serves requests."""
         return jsonify(status="ok")
 
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        """Readiness: a valid config is loaded and the environment is complete."""
+        if bridge is None:
+            return jsonify(status="not_ready", problems=problems), 503
+        bridge.config.current()
+        return jsonify(status="ready", config=bridge.config.status()), 200
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus metrics, summed over the gunicorn workers."""
+        return Response(metrics_text(), mimetype="text/plain; version=0.0.4")
+
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
         """Takes one Svix-delivered OpenMeter event; 200 only once Stripe has every window."""
         started = time.monotonic()
-        facts: dict[str, Any] = {}
+        facts: dict[str, Any] = {"client": request.remote_addr}
         headers = {name.lower(): value for name, value in request.headers.items()}
         try:
+            if bridge is None:
+                raise NotReady("the service is not configured: " + "; ".join(problems))
             with time_budget(TIME_BUDGET_SECONDS):
                 answer, status = process_webhook(bridge, read_body(), headers, facts), 200
         except BridgeError as error:
             answer, status = error.body(), error.status
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         outcome = answer.get("outcome") or answer.get("error")
+        WEBHOOKS.labels(outcome, str(status)).inc()
         log_event("webhook", **facts, outcome=outcome, status=status, duration_ms=duration_ms)
         return jsonify(answer), status
 
@@ -1168,20 +1374,144 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
             hint="Svix will retry; report this if it persists.",
         ), 500
 
-    log_event(
-        "started",
-        config_path=settings.config_path,
-        meters=len(config.meters),
-        subjects=len(config.subjects),
-        secrets=len(settings.webhook_secrets),
-    )
+    app.cli.add_command(check_config_command)
+    app.cli.add_command(replay_command)
     return app
 
 
 def serve() -> Flask:
     """The app gunicorn serves: a configuration problem stops the start with its message alone."""
+    app = create_app()
+    if problems := app.extensions["problems"]:
+        log_event("cannot start", logging.ERROR, problems=problems)
+        raise SystemExit("cannot start:\n- " + "\n- ".join(problems))
+    bridge = app.extensions["bridge"]
+    log_event(
+        "started",
+        config_path=bridge.settings.config_path,
+        config_checksum=bridge.config.checksum,
+        secrets=len(bridge.settings.webhook_secrets),
+        trusted_proxies=bridge.settings.trusted_proxies,
+    )
+    return app
+
+
+# --- the command line: flask --app app check-config | replay ------------------------------------
+
+
+@click.command("check-config")
+@click.argument("path", required=False)
+@click.option("--online", is_flag=True, help="Also ask Stripe about every price and subscription.")
+def check_config_command(path: str | None, online: bool) -> None:
+    """Validate a config file (default $CONFIG_PATH, then config.yaml); exit 1 on any problem."""
+    path = path or config_path(os.environ)
     try:
-        return create_app()
+        config = load_config(path)
     except ConfigError as error:
-        log_event("cannot start", logging.ERROR, problems=error.problems)
-        raise SystemExit("cannot start:\n- " + "\n- ".join(error.problems)) from None
+        click.echo(f"{path}: {len(error.problems)} problem(s)")
+        for problem in error.problems:
+            click.echo(f"  {problem}")
+        raise SystemExit(1) from None
+    click.echo(f"{path}: valid ({len(config.meters)} meters, {len(config.subjects)} subjects)")
+    if online:
+        try:
+            client = make_stripe_client(settings_from_env(os.environ, ["STRIPE_API_KEY"]))
+        except ConfigError as error:
+            raise click.ClickException("; ".join(error.problems)) from None
+        rows = check_online(client, config)
+        width = max(len(row[0]) for row in rows) if rows else 0
+        for entry, verdict, detail in rows:
+            click.echo(f"  {entry:<{width}}  {verdict:<8}  {detail}")
+        if any(verdict != "ok" for _, verdict, _ in rows):
+            raise SystemExit(1)
+
+
+def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
+    """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
+    rows: list[tuple[str, str, str]] = []
+    for slug, mapping in config.meters.items():
+        entry = f"meters.{slug}"
+        try:
+            price = client.v1.prices.retrieve(mapping.price).to_dict()
+        except stripe.StripeError as error:
+            rows.append((entry, "problem", f"{mapping.price}: {error.user_message or error}"))
+            continue
+        recurring = price.get("recurring") or {}
+        if recurring.get("usage_type") != "metered":
+            rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
+        elif not recurring.get("meter"):
+            kind = f"usage records (aggregate_usage {recurring.get('aggregate_usage')})"
+            rows.append((entry, "ok", f"{mapping.price}: {kind}"))
+        else:
+            try:
+                meter = fetch_meter(client, recurring["meter"])
+            except BridgeError as error:
+                rows.append((entry, "problem", error.message))
+                continue
+            detail = (
+                f"{mapping.price}: meter events to {meter.id} ({meter.event_name}, "
+                f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
+            )
+            rows.append(
+                (
+                    entry,
+                    "ok" if meter.active else "problem",
+                    detail + ("" if meter.active else ", inactive"),
+                )
+            )
+    for subject, subscription_id in config.subjects.items():
+        entry = f"subjects.{subject}"
+        try:
+            found = client.v1.subscriptions.retrieve(subscription_id).to_dict()
+            subscription = fetch_subscription(client, subscription_id)
+        except (stripe.StripeError, BridgeError) as error:
+            rows.append(
+                (
+                    entry,
+                    "problem",
+                    f"{subscription_id}: {getattr(error, 'user_message', None) or error}",
+                )
+            )
+            continue
+        missing = sorted(
+            m.price for m in config.meters.values() if m.price not in subscription.items
+        )
+        if found["status"] not in ("active", "trialing"):
+            rows.append((entry, "problem", f"{subscription_id} is {found['status']}"))
+        elif missing:
+            rows.append(
+                (entry, "problem", f"{subscription_id} has no item for {', '.join(missing)}")
+            )
+        else:
+            rows.append(
+                (
+                    entry,
+                    "ok",
+                    f"{subscription_id} ({found['status']}, customer {subscription.customer})",
+                )
+            )
+    return rows
+
+
+@click.command("replay")
+@click.argument("file", type=click.File("rb"))
+@click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
+@click.option("--message-id", help="The id to derive idempotency keys from (default: a new one).")
+def replay_command(file: Any, dry_run: bool, message_id: str | None) -> None:
+    """Push a saved report body through the webhook's path, without a signature or time limit."""
+    try:
+        bridge = make_bridge(os.environ, ["STRIPE_API_KEY"])
+    except ConfigError as error:
+        raise click.ClickException("; ".join(error.problems)) from None
+    body = file.read()
+    # A fresh id makes a replay a new message: it overwrites, as a correction would.
+    message_id = message_id or f"replay-{int(time.time())}-{_sha256(body)[:12]}"
+    facts: dict[str, Any] = {}
+    try:
+        answer = process_event(bridge, body, message_id, facts, dry_run=dry_run)
+    except BridgeError as error:
+        click.echo(json.dumps(error.body(), indent=2))
+        raise SystemExit(1) from None
+    for write in answer.pop("writes", []):
+        click.echo("would write " + json.dumps(write))
+    click.echo(json.dumps(answer, indent=2))

@@ -1,6 +1,11 @@
 """Gunicorn settings: what the Dockerfile's CMD and `make run` start."""
 
 import os
+import tempfile
+
+# Prometheus counters shared by the workers live in files here; a fresh folder per start (under
+# TMPDIR, which must be writable) keeps them from adding up across restarts.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bridge-metrics-")
 
 wsgi_app = "app:serve()"
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"

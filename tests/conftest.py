@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,16 @@ from werkzeug.test import TestResponse
 
 from app import create_app
 from tests.fake_stripe import FakeStripe
-from tests.harness import ROTATED_SECRET, SECRET, sign
+from tests.harness import (
+    ROTATED_SECRET,
+    SECRET,
+    free_port,
+    healthy,
+    post,
+    sign,
+    start_service,
+    wait_until,
+)
 
 API_KEY = "sk_test_bridge0123456789"
 
@@ -115,3 +126,39 @@ def deliver(
     """POSTs a signed webhook, as one Svix delivery attempt."""
     body = payload if isinstance(payload, str) else json.dumps(payload)
     return client.post("/webhook", data=body, headers=sign(body, message_id, **kw))
+
+
+@dataclass
+class Service:
+    """The service as production runs it: the Dockerfile's CMD under gunicorn, over a socket."""
+
+    base: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def deliver(self, payload: dict[str, Any] | str, message_id: str, **kw: Any) -> tuple[int, Any]:
+        """One signed delivery attempt."""
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        return post(f"{self.base}/webhook", body, sign(body, message_id, **kw))
+
+    def logs(self) -> list[dict[str, Any]]:
+        """Every JSON log line so far."""
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.fixture
+def service(environment: dict[str, str], billing: Billing, tmp_path: Path) -> Iterator[Service]:
+    """The service under gunicorn (two workers) against the fake Stripe."""
+    port = free_port()
+    log_path = tmp_path / "gunicorn.log"
+    process = start_service(environment | {"PORT": str(port)}, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(base) or process.poll() is not None, timeout=20)
+        assert process.poll() is None, log_path.read_text()
+        yield Service(base, process, log_path)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)

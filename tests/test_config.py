@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app import ConfigError, MeterMapping, create_app, load_config, settings_from_env
+from app import ConfigError, MeterMapping, create_app, load_config, serve, settings_from_env
 from tests.conftest import API_KEY
 from tests.harness import SECRET
 
@@ -58,7 +58,7 @@ def test_the_shipped_example_config_is_valid() -> None:
         ("subjects:\n  123: sub_1C\n", "subjects.123: quote this key"),
         ("meters: [price_1A]\n", "meters: must be a mapping"),
         ("- a\n", "(top level)"),
-        ("meters: {a: [", "cannot read"),
+        ("meters: {a: [", "not valid YAML"),
     ],
 )
 def test_bad_config_names_the_entry(tmp_path: Path, text: str, expected: str) -> None:
@@ -105,7 +105,20 @@ def test_rotation_takes_several_secrets() -> None:
     assert settings.webhook_secrets == (SECRET, SECRET)
 
 
-def test_create_app_refuses_a_bad_config_file(tmp_path: Path) -> None:
+def test_serve_refuses_a_bad_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = GOOD_ENV | {"CONFIG_PATH": write(tmp_path, "subjects:\n  c: cus_1\n")}
-    with pytest.raises(ConfigError, match=r"subjects\.c"):
-        create_app(env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=r"subjects\.c: must be a Stripe subscription ID"):
+        serve()
+
+
+def test_incomplete_app_is_not_ready(tmp_path: Path) -> None:
+    app = create_app({"STRIPE_API_KEY": "", "OPENMETER_WEBHOOK_SECRET": "", "CONFIG_PATH": "x"})
+    client = app.test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json is not None and len(response.json["problems"]) == 3
+    webhook = client.post("/webhook", data="{}")
+    assert webhook.status_code == 503
+    assert webhook.json is not None and webhook.json["error"] == "not_ready"

@@ -4,41 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import API_KEY, Billing
+from tests.conftest import API_KEY, Billing, Service
 from tests.fake_stripe import FakeStripe
-from tests.harness import SECRET, free_port, healthy, post, report, sign, start_service, wait_until
-
-
-@pytest.fixture
-def service(
-    environment: dict[str, str], billing: Billing, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    port = free_port()
-    log_path = tmp_path / "gunicorn.log"
-    process = start_service(environment | {"PORT": str(port)}, log_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: healthy(base) or process.poll() is not None, timeout=20)
-        assert process.poll() is None, log_path.read_text()
-        yield base, process, log_path
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+from tests.harness import SECRET, free_port, post, report, sign, start_service
 
 
 def test_dockerfile_cmd_serves_webhooks(
-    service: tuple[str, subprocess.Popen[bytes], Path],
-    stripe_fake: FakeStripe,
-    billing: Billing,
+    service: Service, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    base, process, log_path = service
+    base, process, log_path = service.base, service.process, service.log_path
     body = json.dumps(report([10, 20, 30]))
     status, answer = post(f"{base}/webhook", body, sign(body, "msg_e2e"))
     assert status == 200, answer
