@@ -17,9 +17,11 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import sys
 import threading
 import time
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,8 +53,6 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
 USAGE_RECORDS_API_VERSION = "2025-02-24.acacia"
 MAX_BODY_BYTES = 1024 * 1024
-# Svix gives an attempt 15 s; answer well before, so a slow Stripe gives a 503 and not a timeout.
-TIME_BUDGET_SECONDS = 12.0
 STRIPE_CONNECT_TIMEOUT = 3.0
 STRIPE_READ_TIMEOUT = 8.0
 STRIPE_MAX_ATTEMPTS = 3
@@ -206,6 +206,8 @@ class Settings:
     stripe_api_base: str | None = None
     port: int = 8080
     trusted_proxies: int = 0
+    state_path: str | None = "state/bridge.sqlite3"
+    time_budget: float = 12.0
 
 
 def settings_from_env(
@@ -233,6 +235,9 @@ def settings_from_env(
     port = environ.get("PORT", "8080").strip()
     if not (port.isdigit() and 0 < int(port) < 65536):
         problems.append("PORT must be a TCP port number (1-65535)")
+    budget = environ.get("TIME_BUDGET_SECONDS", "12").strip()
+    if not (re.fullmatch(r"\d+(\.\d+)?", budget) and 1 <= float(budget) <= 14):
+        problems.append("TIME_BUDGET_SECONDS must be between 1 and 14 (Svix waits 15 s)")
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not (proxies.isdigit() and int(proxies) < 10):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -245,6 +250,8 @@ def settings_from_env(
         stripe_api_base=api_base,
         port=int(port),
         trusted_proxies=int(proxies),
+        state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
+        time_budget=float(budget),
     )
 
 
@@ -669,6 +676,9 @@ class _BudgetAdapter(requests.adapters.HTTPAdapter):
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries)."""
     session = requests.Session()
+    # Proxy variables are read once here: requests would rescan the environment on every call.
+    session.trust_env = False
+    session.proxies = urllib.request.getproxies()
     adapter = _BudgetAdapter(pool_connections=4, pool_maxsize=32)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
@@ -1070,6 +1080,142 @@ def plan_writes(report: Report, target: Target, message_id: str, now: datetime) 
     return writes
 
 
+# --- the ledger: what Stripe already accepted ----------------------------------------------------
+
+
+class Ledger:
+    """The writes Stripe accepted in the last 48 hours, in a SQLite file shared by the workers.
+
+    It lets a report too large for one attempt resume where the last one stopped, answers an
+    exact redelivery without calling Stripe, and keeps a late retry of an old message from undoing
+    a newer correction. It is an optimisation, never the truth: without it (deleted, unwritable,
+    STATE_PATH empty) every write is still idempotent, so nothing is lost or counted twice.
+    """
+
+    KEEP_SECONDS = 48 * 3600
+    EXPIRE_EVERY_SECONDS = 600.0
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS messages (
+            id TEXT PRIMARY KEY, digest TEXT NOT NULL, first_seen REAL NOT NULL,
+            done INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS writes (key TEXT PRIMARY KEY, at REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS windows (
+            object TEXT NOT NULL, timestamp INTEGER NOT NULL, first_seen REAL NOT NULL,
+            message TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (object, timestamp)
+        );
+        CREATE INDEX IF NOT EXISTS messages_first_seen ON messages (first_seen);
+        CREATE INDEX IF NOT EXISTS writes_at ON writes (at);
+        CREATE INDEX IF NOT EXISTS windows_at ON windows (at);
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._expired_at = 0.0
+
+    def _db(self) -> sqlite3.Connection | None:
+        """This thread's connection (opened after gunicorn forks), or None without a ledger."""
+        if not self.path:
+            return None
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None or self._local.pid != os.getpid():
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(self.SCHEMA)
+            self._local.connection, self._local.pid = connection, os.getpid()
+        return connection
+
+    def _run(self, default: T, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs work on the ledger; a broken ledger is logged and worked around, never fatal."""
+        try:
+            db = self._db()
+            return default if db is None else work(db)
+        except (sqlite3.Error, OSError) as error:
+            self._local.connection = None
+            log_event("ledger unavailable", logging.WARNING, path=self.path, error=str(error))
+            return default
+
+    def begin(self, message_id: str, digest: str) -> tuple[float, bool]:
+        """When this message was first seen, and whether it was fully written already."""
+
+        def work(db: sqlite3.Connection) -> tuple[float, bool]:
+            db.execute(
+                "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, 0)",
+                (message_id, digest, time.time()),
+            )
+            first_seen, known, done = db.execute(
+                "SELECT first_seen, digest, done FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            return float(first_seen), bool(done) and known == digest
+
+        self._expire()
+        return self._run((time.time(), False), work)
+
+    def pending(
+        self, writes: Sequence[Write], stripe_object: str, first_seen: float
+    ) -> tuple[list[Write], int]:
+        """The writes still to make, and how many a message seen later has already superseded."""
+
+        def work(db: sqlite3.Connection) -> tuple[list[Write], int]:
+            todo, superseded = [], 0
+            for write in writes:
+                if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
+                    continue
+                newer = db.execute(
+                    "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND first_seen > ?",
+                    (stripe_object, write.timestamp, first_seen),
+                ).fetchone()
+                if newer:
+                    superseded += 1
+                else:
+                    todo.append(write)
+            return todo, superseded
+
+        return self._run((list(writes), 0), work)
+
+    def accepted(
+        self, write: Write, stripe_object: str, message_id: str, first_seen: float
+    ) -> None:
+        """Records a write Stripe accepted, and which message last set its window."""
+
+        def work(db: sqlite3.Connection) -> None:
+            now = time.time()
+            with db:
+                db.execute("INSERT OR REPLACE INTO writes VALUES (?, ?)", (write.key, now))
+                db.execute(
+                    "INSERT INTO windows VALUES (?, ?, ?, ?, ?) ON CONFLICT (object, timestamp) DO "
+                    "UPDATE SET first_seen = excluded.first_seen, message = excluded.message, "
+                    "at = excluded.at WHERE excluded.first_seen >= windows.first_seen",
+                    (stripe_object, write.timestamp, first_seen, message_id, now),
+                )
+
+        self._run(None, work)
+
+    def finish(self, message_id: str) -> None:
+        """Marks a message whose every window Stripe has."""
+        self._run(
+            None, lambda db: db.execute("UPDATE messages SET done = 1 WHERE id = ?", (message_id,))
+        )
+
+    def _expire(self) -> None:
+        """Forgets entries older than 48 hours, now and then: the ledger stays bounded."""
+        if time.monotonic() - self._expired_at < self.EXPIRE_EVERY_SECONDS:
+            return
+        self._expired_at = time.monotonic()
+        cutoff = time.time() - self.KEEP_SECONDS
+
+        def work(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM messages WHERE first_seen < ?", (cutoff,))
+                db.execute("DELETE FROM writes WHERE at < ?", (cutoff,))
+                db.execute("DELETE FROM windows WHERE at < ?", (cutoff,))
+
+        self._run(None, work)
+
+
 # --- writing to Stripe -----------------------------------------------------------------------
 
 _object_locks: dict[str, threading.Lock] = {}
@@ -1081,7 +1227,7 @@ def one_writer(stripe_object: str) -> Iterator[None]:
     """Writes to one Stripe object one at a time: concurrent writes hit Stripe's lock timeouts."""
     with _object_locks_guard:
         lock = _object_locks.setdefault(stripe_object, threading.Lock())
-    if not lock.acquire(timeout=max(min(time_left(), TIME_BUDGET_SECONDS), 0)):
+    if not lock.acquire(timeout=max(min(time_left(), 60.0), 0)):
         raise StripeUnavailable(
             f"another webhook kept {stripe_object} busy until the time budget ran out",
             "Svix will retry.",
@@ -1164,32 +1310,39 @@ def write_facts(target: Target, write: Write) -> dict[str, Any]:
     }
 
 
-def write_report(bridge: Bridge, target: Target, writes: Sequence[Write]) -> None:
+def write_report(
+    bridge: Bridge, target: Target, writes: Sequence[Write], on_accepted: Callable[[Write], None]
+) -> None:
     """Sends every window in order; a refused window does not keep the others from Stripe."""
     refused: list[dict[str, Any]] = []
+    written = 0
     with one_writer(target.stripe_object):
         for write in writes:
             facts = write_facts(target, write)
             try:
                 request_id = send_write(bridge.stripe, target, write)
-            except stripe.StripeError as error:
+            except (stripe.StripeError, StripeUnavailable) as error:
                 window = {
                     "window_start": write.window.start.isoformat(),
                     "window_end": write.window.end.isoformat(),
                 }
-                problem = classify(error, **window)
+                problem = error if isinstance(error, BridgeError) else classify(error, **window)
                 log_event(
                     "stripe write failed",
                     logging.WARNING,
                     **facts,
-                    stripe_request_id=error.request_id,
                     status=problem.status,
+                    stripe_request_id=getattr(error, "request_id", None),
                 )
                 if isinstance(problem, StripeUnavailable):
+                    # Svix's next attempt resumes: the ledger skips what Stripe has accepted.
+                    problem.details.update(written=written, remaining=len(writes) - written)
                     raise problem from error
                 bridge.subscriptions.forget(target.subscription.id)
                 refused.append(problem.body())
                 continue
+            written += 1
+            on_accepted(write)
             if request_id is None and target.meter and not target.meter.event_time_window:
                 log_event(
                     "raw meter kept the window's first event",
@@ -1219,6 +1372,7 @@ class Bridge:
     stripe: stripe.StripeClient
     subscriptions: Cache[Subscription]
     meters: Cache[Meter]
+    ledger: Ledger
 
 
 def make_bridge(
@@ -1237,7 +1391,8 @@ def make_bridge(
         problems += error.problems
     if problems:
         raise ConfigError(problems)
-    return Bridge(settings, config, make_stripe_client(settings), Cache(), Cache())
+    client = make_stripe_client(settings)
+    return Bridge(settings, config, client, Cache(), Cache(), Ledger(settings.state_path))
 
 
 def process_webhook(
@@ -1258,6 +1413,7 @@ def process_event(
 ) -> dict[str, Any]:
     """Parse, map, plan, write: what happens to a verified event (and to a replayed one)."""
     facts["message_id"] = message_id
+    digest = hashlib.sha256(body).hexdigest()
     event = decode_json(body)
     kind = event_type(event)
     if kind != "report.meter":
@@ -1266,22 +1422,33 @@ def process_event(
     now = datetime.now(UTC)
     report = parse_report(event, now)
     facts.update(subject=report.subject, meter=report.meter, windows=len(report.windows))
+    answer = {"outcome": "written", "message_id": message_id, "subject": report.subject,
+              "meter": report.meter, "windows": len(report.windows)}  # fmt: skip
+    first_seen, done = (
+        (now.timestamp(), False) if dry_run else bridge.ledger.begin(message_id, digest)
+    )
+    if done:
+        return answer | {"outcome": "already_written"}
     target = resolve_target(report, bridge.config.current(), bridge)
     facts["kind"] = target.kind
     writes = plan_writes(report, target, message_id, now)
-    answer = {
-        "outcome": "dry_run" if dry_run else "written",
-        "message_id": message_id,
-        "subject": report.subject,
-        "meter": report.meter,
-        "kind": target.kind,
-        "stripe_object": target.stripe_object,
-        "windows": len(writes),
-    }
+    answer |= {"kind": target.kind, "stripe_object": target.stripe_object}
     if dry_run:
-        return answer | {"writes": [write_facts(target, write) for write in writes]}
-    write_report(bridge, target, writes)
-    return answer
+        return answer | {"outcome": "dry_run", "writes": [write_facts(target, w) for w in writes]}
+    pending, superseded = bridge.ledger.pending(writes, target.stripe_object, first_seen)
+    if superseded:
+        log_event(
+            "windows kept from a newer report",
+            logging.WARNING,
+            skipped=superseded,
+            hint="a report seen later already set these windows; this older one does not undo it",
+        )
+    write_report(
+        bridge, target, pending,
+        lambda write: bridge.ledger.accepted(write, target.stripe_object, message_id, first_seen),
+    )  # fmt: skip
+    bridge.ledger.finish(message_id)
+    return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
 
 
 def read_body() -> bytes:
@@ -1346,7 +1513,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
         try:
             if bridge is None:
                 raise NotReady("the service is not configured: " + "; ".join(problems))
-            with time_budget(TIME_BUDGET_SECONDS):
+            with time_budget(bridge.settings.time_budget):
                 answer, status = process_webhook(bridge, read_body(), headers, facts), 200
         except BridgeError as error:
             answer, status = error.body(), error.status

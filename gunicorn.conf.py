@@ -38,5 +38,7 @@ logconfig_dict = {
         "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         "bridge": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        # The stripe library logs two INFO lines per request; the bridge logs each write itself.
+        "stripe": {"level": "WARNING"},
     },
 }

@@ -98,13 +98,14 @@ def config_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def environment(stripe_fake: FakeStripe, config_path: Path) -> dict[str, str]:
+def environment(stripe_fake: FakeStripe, config_path: Path, tmp_path: Path) -> dict[str, str]:
     """The environment variables production would set, pointed at the fake."""
     return {
         "STRIPE_API_KEY": API_KEY,
         "OPENMETER_WEBHOOK_SECRET": f"{SECRET} {ROTATED_SECRET}",
         "CONFIG_PATH": str(config_path),
         "STRIPE_API_BASE": stripe_fake.url,
+        "STATE_PATH": str(tmp_path / "state" / "bridge.sqlite3"),
     }
 
 

@@ -1,0 +1,353 @@
+"""`make bench`: the service as the Dockerfile starts it, a fake Stripe with latency, a load generator.
+
+Everything runs on this machine: the fake Stripe in its own process (tests/fake_stripe.py), the service
+under gunicorn with gunicorn.conf.py, and a closed-loop load generator here. After every scenario the
+fake Stripe's usage is compared with what was sent: lost and doubled windows are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tests.harness import PROJECT, SECRET, free_port, healthy, sign, start_service, wait_until
+
+API_KEY = "sk_test_bench"
+SUBJECTS = 20
+# Windows are minutes of the last 20 days: far more distinct windows than any run sends.
+FIRST_WINDOW = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(days=20)
+
+
+@dataclass
+class Stack:
+    """The fake Stripe and the service, both running."""
+
+    fake_url: str
+    base: str
+    service: subprocess.Popen[bytes]
+    log_path: Path
+    startup_seconds: float
+    fake: subprocess.Popen[bytes]
+    items: dict[str, str] = field(default_factory=dict)  # subject -> subscription item
+    sent: dict[tuple[str, int], int] = field(default_factory=dict)  # (item, timestamp) -> value
+    next_window: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fake_control(self, path: str, body: Any = None) -> Any:
+        """Calls the fake Stripe's control API."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.fake_url}/_fake/{path}", data=data, method="POST" if data else "GET"
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def windows(self, subject: str, count: int, value: int) -> list[dict[str, Any]]:
+        """`count` fresh one-minute windows for subject, each remembered as sent with value."""
+        with self.lock:
+            first, self.next_window = self.next_window, self.next_window + count
+        rows = []
+        for index in range(first, first + count):
+            start = FIRST_WINDOW + timedelta(minutes=index)
+            rows.append(
+                {
+                    "subject": subject,
+                    "value": value,
+                    "windowStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "windowEnd": (start + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                }
+            )
+            with self.lock:
+                self.sent[self.items[subject], int(start.timestamp()) + 1] = value
+        return rows
+
+    def processes(self) -> list[int]:
+        """The gunicorn master and its workers."""
+        children = Path(f"/proc/{self.service.pid}/task/{self.service.pid}/children").read_text()
+        return [self.service.pid, *map(int, children.split())]
+
+
+def report(rows: list[dict[str, Any]], subject: str) -> str:
+    """A report.meter body."""
+    return json.dumps(
+        {
+            "type": "report.meter",
+            "meter": {"slug": "api_requests", "aggregation": "SUM", "windowSize": "MINUTE"},
+            "query": {"subject": subject, "windowSize": "MINUTE"},
+            "usage": rows,
+        }
+    )
+
+
+@contextmanager
+def running(latency: float, workdir: Path) -> Iterator[Stack]:
+    """Starts the fake Stripe and the service; stops both afterwards."""
+    prices = [{"id": "price_1Bench", "usage_type": "metered", "aggregate_usage": "sum"}]
+    subscriptions = [{"id": f"sub_1Bench{n}", "prices": ["price_1Bench"]} for n in range(SUBJECTS)]
+    fixtures = workdir / "fixtures.json"
+    fixtures.write_text(json.dumps({"prices": prices, "subscriptions": subscriptions}))
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_stripe", "--port", "0", "--api-key", API_KEY,
+         "--fixtures", str(fixtures), "--latency", str(latency)],
+        cwd=PROJECT, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert fake.stdout
+    fake_url = fake.stdout.readline().decode().strip()
+    config = workdir / "config.yaml"
+    subjects = "".join(f"  customer-{n}: sub_1Bench{n}\n" for n in range(SUBJECTS))
+    config.write_text(f"meters:\n  api_requests: price_1Bench\nsubjects:\n{subjects}")
+    port = free_port()
+    env = {
+        "STRIPE_API_KEY": API_KEY,
+        "OPENMETER_WEBHOOK_SECRET": SECRET,
+        "CONFIG_PATH": str(config),
+        "STRIPE_API_BASE": fake_url,
+        "STATE_PATH": str(workdir / "state.sqlite3"),
+        "PORT": str(port),
+        "TMPDIR": str(workdir),
+    }
+    log_path = workdir / "service.log"
+    started = time.monotonic()
+    service = start_service(env, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(base) or service.poll() is not None, timeout=30)
+        startup = time.monotonic() - started
+        if service.poll() is not None:
+            raise SystemExit(log_path.read_text())
+        stack = Stack(fake_url, base, service, log_path, startup, fake)
+        state = stack.fake_control("state")
+        for n in range(SUBJECTS):
+            items = state["subscriptions"][f"sub_1Bench{n}"]["items"]["data"]
+            stack.items[f"customer-{n}"] = items[0]["id"]
+        yield stack
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+        fake.send_signal(signal.SIGTERM)
+        fake.wait(timeout=30)
+
+
+class Sender:
+    """One Svix-like sender: a kept-alive connection, signed bodies, a 15 s timeout."""
+
+    def __init__(self, base: str) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=15)
+
+    def send(self, body: str, message_id: str) -> tuple[int, float, dict[str, Any]]:
+        """POSTs one webhook; returns status, seconds and answer."""
+        started = time.perf_counter()
+        try:
+            self.connection.request("POST", "/webhook", body.encode(), sign(body, message_id))
+            response = self.connection.getresponse()
+            answer = json.loads(response.read())
+            status = response.status
+        except (OSError, http.client.HTTPException):
+            self.connection.close()
+            return 0, time.perf_counter() - started, {}
+        return status, time.perf_counter() - started, answer
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def memory_kib(pids: list[int], kind: str) -> int:
+    """The sum of Pss or Rss (KiB) over these processes."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(f"{kind}:"):
+                total += int(line.split()[1])
+    return total
+
+
+@dataclass
+class Result:
+    """What one scenario measured."""
+
+    name: str
+    webhooks: int
+    seconds: float
+    latencies: list[float]
+    non_2xx: int
+    cpu_ms: float
+    stripe_calls: int
+
+    def row(self) -> dict[str, Any]:
+        """The scenario as a table row."""
+        ordered = sorted(self.latencies)
+
+        def pct(p: float) -> float:
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+        return {
+            "scenario": self.name,
+            "webhooks": self.webhooks,
+            "throughput/s": round(self.webhooks / self.seconds, 1),
+            "p50 ms": round(statistics.median(ordered) * 1000, 1),
+            "p90 ms": round(pct(0.90), 1),
+            "p99 ms": round(pct(0.99), 1),
+            "cpu ms/webhook": round(self.cpu_ms / self.webhooks, 2),
+            "stripe calls/webhook": round(self.stripe_calls / self.webhooks, 2),
+            "non-2xx": self.non_2xx,
+        }
+
+
+def load(stack: Stack, name: str, concurrency: int, webhooks: int, windows: int) -> Result:
+    """A closed loop: `concurrency` senders, each sending its next report when the last is answered."""
+    calls_before = stack.fake_control("state")["requests"]
+    pids = stack.processes()
+    cpu_before = cpu_seconds(pids)
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(webhooks))
+    counter_lock = threading.Lock()
+
+    def sender_loop(worker: int) -> None:
+        nonlocal failures
+        sender = Sender(stack.base)
+        while True:
+            with counter_lock:
+                number = next(counter, None)
+            if number is None:
+                return
+            subject = f"customer-{number % SUBJECTS}"
+            body = report(stack.windows(subject, windows, 1 + number % 97), subject)
+            status, seconds, _ = sender.send(body, f"msg_{name}_{number}")
+            with counter_lock:
+                latencies.append(seconds)
+                failures += not 200 <= status < 300
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(sender_loop, range(concurrency)))
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(pids) - cpu_before
+    calls = stack.fake_control("state")["requests"] - calls_before
+    return Result(name, webhooks, elapsed, latencies, failures, cpu * 1000, calls)
+
+
+def check_usage(stack: Stack) -> tuple[int, int]:
+    """(lost, doubled): windows whose usage in the fake Stripe is below or above what was sent."""
+    records = stack.fake_control("state")["usage_records"]
+    lost = doubled = 0
+    for (item, timestamp), value in stack.sent.items():
+        landed = int(records.get(item, {}).get(str(timestamp), 0))
+        lost += landed < value
+        doubled += landed > value
+    expected = {(item, ts) for item, ts in stack.sent}
+    extra = sum(
+        1 for item, stamps in records.items() for ts in stamps if (item, int(ts)) not in expected
+    )
+    return lost, doubled + extra
+
+
+def big_report(stack: Stack, windows: int, restart: bool) -> dict[str, Any]:
+    """One report of `windows` windows, delivered again on 503 as Svix would, counting attempts."""
+    subject = "customer-0"
+    body = report(stack.windows(subject, windows, 3), subject)
+    sender = Sender(stack.base)
+    attempts: list[dict[str, Any]] = []
+    while len(attempts) < 10:
+        status, seconds, answer = sender.send(body, "msg_big_report")
+        attempts.append(
+            {"status": status, "seconds": round(seconds, 2), "written": answer.get("written")}
+        )
+        if status == 200:
+            break
+        if restart:  # the worker that handled the attempt dies; the next attempt meets another
+            pid = [line for line in stack.log_path.read_text().splitlines() if '"webhook"' in line][
+                -1
+            ]
+            os.kill(json.loads(pid)["pid"], signal.SIGKILL)
+            time.sleep(1)
+            sender = Sender(stack.base)
+    return {"windows": windows, "attempts": attempts}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """A plain-text table."""
+    columns = list(rows[0])
+    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the scenarios; exits 1 if any usage was lost or doubled."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--latency", type=float, default=0.05, help="fake Stripe latency (s)")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
+    parser.add_argument("--no-soak", action="store_true", help="skip the 20,000-webhook memory run")
+    args = parser.parse_args(argv)
+    scale = 0.02 if args.smoke else 1.0
+
+    def n(count: int) -> int:
+        return max(4, int(count * scale))
+
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="bridge-bench-") as folder,
+        running(args.latency, Path(folder)) as stack,
+    ):
+        extra["startup to first /healthz 200 (s)"] = round(stack.startup_seconds, 2)
+        load(stack, "warm-up", SUBJECTS, SUBJECTS, 1)
+        scenarios: list[tuple[str, Callable[[], Result]]] = [
+            ("1 sender, 1 window", lambda: load(stack, "c1", 1, n(300), 1)),
+            ("32 senders, 1 window", lambda: load(stack, "c32", 32, n(3000), 1)),
+            ("1 sender, 24 windows", lambda: load(stack, "w24", 1, n(30), 24)),
+        ]
+        for _, scenario in scenarios:
+            rows.append(scenario().row())
+        rss_start = memory_kib(stack.processes(), "Rss")
+        if not (args.smoke or args.no_soak):
+            load(stack, "soak-a", 32, 2000, 1)
+            rss_2000 = memory_kib(stack.processes(), "Rss")
+            load(stack, "soak-b", 32, 18000, 1)
+            rss_20000 = memory_kib(stack.processes(), "Rss")
+            extra["RSS after 2,000 / 20,000 webhooks (MiB)"] = (
+                f"{rss_2000 / 1024:.1f} / {rss_20000 / 1024:.1f}"
+            )
+            extra["RSS growth"] = f"{(rss_20000 - rss_2000) / rss_2000:+.1%}"
+        extra["service PSS (MiB)"] = round(memory_kib(stack.processes(), "Pss") / 1024, 1)
+        extra["service RSS at start of soak (MiB)"] = round(rss_start / 1024, 1)
+        lost, doubled = check_usage(stack)
+        extra["lost windows"], extra["doubled windows"] = lost, doubled
+    print(
+        f"fake Stripe latency {args.latency * 1000:.0f} ms, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    )
+    print_table(rows)
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+    return 1 if lost or doubled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
