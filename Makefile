@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit demo check-config clean
+.PHONY: run test lint unit demo check-config bench clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it.
 $(BIN)/.runtime: requirements.txt
@@ -39,6 +39,10 @@ check-config: $(BIN)/.runtime
 ## demo: the service against a local fake Stripe, one signed example report, and what landed
 demo: $(BIN)/.dev
 	$(BIN)/python -m tests.demo
+
+## bench: the full benchmark (several minutes); bench/run.py --help for options
+bench: $(BIN)/.dev
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -149,11 +149,19 @@ class Service:
 
 
 @pytest.fixture
-def service(environment: dict[str, str], billing: Billing, tmp_path: Path) -> Iterator[Service]:
+def service_env() -> dict[str, str]:
+    """Extra environment for the gunicorn service (a test module may override this)."""
+    return {}
+
+
+@pytest.fixture
+def service(
+    environment: dict[str, str], service_env: dict[str, str], billing: Billing, tmp_path: Path
+) -> Iterator[Service]:
     """The service under gunicorn (two workers) against the fake Stripe."""
     port = free_port()
     log_path = tmp_path / "gunicorn.log"
-    process = start_service(environment | {"PORT": str(port)}, log_path)
+    process = start_service(environment | service_env | {"PORT": str(port)}, log_path)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: healthy(base) or process.poll() is not None, timeout=20)

@@ -1,0 +1,25 @@
+"""The benchmark's short smoke run: it starts, drives load, and finds nothing lost or doubled.
+
+Not a timed test: the figures are printed by `make bench`, never asserted here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.harness import PROJECT
+
+
+def test_bench_smoke_runs_and_loses_nothing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost / doubled windows: 0 / 0" in result.stdout
+    assert "lost / doubled windows (large report): 0 / 0" in result.stdout

@@ -1,0 +1,139 @@
+"""The ledger of accepted writes: resumption, cheap redeliveries, ordering; never the truth."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from app import Ledger, create_app
+from tests.conftest import Billing, Service, deliver
+from tests.fake_stripe import FakeStripe
+from tests.harness import hours_ago, report
+
+
+@pytest.fixture
+def service_env() -> dict[str, str]:
+    """A short budget, so that a large report needs several attempts."""
+    return {"TIME_BUDGET_SECONDS": "2"}
+
+
+def test_exact_redelivery_of_a_written_message_costs_no_stripe_call(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    event = report([4, 5])
+    assert deliver(client, event, "msg_done").status_code == 200
+    calls = len(stripe_fake.requests)
+    again = deliver(client, event, "msg_done")
+    assert again.status_code == 200
+    assert again.json is not None and again.json["outcome"] == "already_written"
+    assert len(stripe_fake.requests) == calls
+
+
+def test_same_id_with_another_body_is_not_taken_as_written(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    first = hours_ago(5)
+    assert deliver(client, report([4], first=first), "msg_reused").status_code == 200
+    again = deliver(client, report([7], first=first), "msg_reused")
+    assert again.json is not None and again.json["outcome"] == "written"
+    assert stripe_fake.usage_total(billing.api) == 7
+
+
+def test_late_retry_of_an_old_report_does_not_undo_a_newer_correction(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    first = hours_ago(6)
+    deliver(client, report([1], first=hours_ago(20)), "msg_warm")
+    stripe_fake.inject("500", path="/usage_records", count=None, probability=1.0)
+    assert deliver(client, report([10], first=first), "msg_old").status_code == 503
+    stripe_fake.clear_faults()
+    assert deliver(client, report([12], first=first), "msg_new").status_code == 200
+    late = deliver(client, report([10], first=first), "msg_old")  # Svix's retry of the old one
+    assert late.status_code == 200
+    assert late.json is not None and late.json["skipped"] == 1
+    assert stripe_fake.usage_total(billing.api) == 1 + 12
+
+
+def test_deleting_the_ledger_keeps_everything_correct(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    state = Path(environment["STATE_PATH"])
+    client = create_app(environment | {"TIME_BUDGET_SECONDS": "1"}).test_client()
+    deliver(client, report([1], first=hours_ago(40)), "msg_warm")
+    stripe_fake.latency = 0.3
+    assert deliver(client, report([2] * 8), "msg_cut").status_code == 503
+    stripe_fake.latency = 0
+    time.sleep(0.5)
+    for leftover in state.parent.glob(state.name + "*"):
+        leftover.unlink()
+    fresh = create_app(environment).test_client()  # as after a restart, with no ledger left
+    assert deliver(fresh, report([2] * 8), "msg_cut").status_code == 200
+    assert deliver(fresh, report([2] * 8), "msg_cut").status_code == 200
+    assert stripe_fake.usage_total(billing.api) == 1 + 16
+
+
+def test_an_unusable_ledger_is_logged_and_worked_around(
+    environment: dict[str, str],
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    client = create_app(environment | {"STATE_PATH": str(blocker / "state.sqlite3")}).test_client()
+    with caplog.at_level(logging.WARNING, logger="bridge"):
+        assert deliver(client, report([3]), "msg_a").status_code == 200
+        assert deliver(client, report([3]), "msg_a").status_code == 200
+    assert stripe_fake.usage_total(billing.api) == 3
+    assert any(r.getMessage() == "ledger unavailable" for r in caplog.records)
+
+
+def test_empty_state_path_turns_the_ledger_off(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    client = create_app(environment | {"STATE_PATH": ""}).test_client()
+    assert deliver(client, report([3]), "msg_a").status_code == 200
+    again = deliver(client, report([3]), "msg_a")
+    assert again.json is not None and again.json["outcome"] == "written"
+    assert stripe_fake.usage_total(billing.api) == 3
+    assert not Path(environment["STATE_PATH"]).exists()
+
+
+def test_entries_expire_after_48_hours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = Ledger(str(tmp_path / "ledger.sqlite3"))
+    ledger.begin("msg_old", "digest")
+    ledger.finish("msg_old")
+    seen, done = ledger.begin("msg_old", "digest")
+    assert done and abs(seen - time.time()) < 5
+    later = time.time() + Ledger.KEEP_SECONDS + 60
+    monkeypatch.setattr(time, "time", lambda: later)
+    ledger._expired_at = -Ledger.EXPIRE_EVERY_SECONDS  # due now
+    first_seen, done = ledger.begin("msg_old", "digest")
+    assert not done and first_seen == later
+
+
+def test_large_report_completes_across_attempts_and_a_killed_worker(
+    service: Service, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    service.deliver(report([1], first=hours_ago(200)), "msg_warm")
+    stripe_fake.latency = 0.05
+    event = report([3] * 100, first=hours_ago(180))
+    attempts = []
+    for _ in range(8):
+        status, answer = service.deliver(event, "msg_large")
+        attempts.append((status, answer.get("written") or answer.get("sent")))
+        if status == 200:
+            break
+        worker = [line["pid"] for line in service.logs() if line["message"] == "webhook"][-1]
+        os.kill(worker, signal.SIGKILL)  # the worker that handled the attempt dies
+        time.sleep(1.0)
+    assert attempts[-1][0] == 200, attempts
+    assert attempts[0][0] == 503 and len(attempts) >= 2
+    assert stripe_fake.usage_total(billing.api) == 1 + 3 * 100
