@@ -1083,6 +1083,15 @@ def plan_writes(report: Report, target: Target, message_id: str, now: datetime) 
 # --- the ledger: what Stripe already accepted ----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Message:
+    """A message as the ledger knows it: which body, and when it was first seen."""
+
+    id: str
+    digest: str
+    first_seen: float
+
+
 class Ledger:
     """The writes Stripe accepted in the last 48 hours, in a SQLite file shared by the workers.
 
@@ -1139,17 +1148,15 @@ class Ledger:
             return default
 
     def begin(self, message_id: str, digest: str) -> tuple[float, bool]:
-        """When this message was first seen, and whether it was fully written already."""
+        """When this message was first seen (now, if never), and whether it was fully written."""
 
         def work(db: sqlite3.Connection) -> tuple[float, bool]:
-            db.execute(
-                "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, 0)",
-                (message_id, digest, time.time()),
-            )
-            first_seen, known, done = db.execute(
+            row = db.execute(
                 "SELECT first_seen, digest, done FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
-            return float(first_seen), bool(done) and known == digest
+            if row is None:
+                return time.time(), False
+            return float(row[0]), bool(row[2]) and row[1] == digest
 
         self._expire()
         return self._run((time.time(), False), work)
@@ -1176,29 +1183,36 @@ class Ledger:
 
         return self._run((list(writes), 0), work)
 
-    def accepted(
-        self, write: Write, stripe_object: str, message_id: str, first_seen: float
+    def record(
+        self, message: Message, target: Target | None, accepted: Sequence[Write], done: bool
     ) -> None:
-        """Records a write Stripe accepted, and which message last set its window."""
+        """Remembers, in one transaction, the message and the writes Stripe accepted for it."""
 
         def work(db: sqlite3.Connection) -> None:
             now = time.time()
-            with db:
-                db.execute("INSERT OR REPLACE INTO writes VALUES (?, ?)", (write.key, now))
+            db.execute("BEGIN IMMEDIATE")
+            try:
                 db.execute(
-                    "INSERT INTO windows VALUES (?, ?, ?, ?, ?) ON CONFLICT (object, timestamp) DO "
-                    "UPDATE SET first_seen = excluded.first_seen, message = excluded.message, "
-                    "at = excluded.at WHERE excluded.first_seen >= windows.first_seen",
-                    (stripe_object, write.timestamp, first_seen, message_id, now),
+                    "INSERT INTO messages VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                    "digest = excluded.digest, done = max(done, excluded.done)",
+                    (message.id, message.digest, message.first_seen, int(done)),
                 )
+                db.executemany(
+                    "INSERT OR REPLACE INTO writes VALUES (?, ?)", [(w.key, now) for w in accepted]
+                )
+                db.executemany(
+                    "INSERT INTO windows VALUES (?, ?, ?, ?, ?) ON CONFLICT (object, timestamp) "
+                    "DO UPDATE SET first_seen = excluded.first_seen, message = excluded.message, "
+                    "at = excluded.at WHERE excluded.first_seen >= windows.first_seen",
+                    [(target and target.stripe_object, w.timestamp, message.first_seen,
+                      message.id, now) for w in accepted],
+                )  # fmt: skip
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
         self._run(None, work)
-
-    def finish(self, message_id: str) -> None:
-        """Marks a message whose every window Stripe has."""
-        self._run(
-            None, lambda db: db.execute("UPDATE messages SET done = 1 WHERE id = ?", (message_id,))
-        )
 
     def _expire(self) -> None:
         """Forgets entries older than 48 hours, now and then: the ledger stays bounded."""
@@ -1208,10 +1222,9 @@ class Ledger:
         cutoff = time.time() - self.KEEP_SECONDS
 
         def work(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("DELETE FROM messages WHERE first_seen < ?", (cutoff,))
-                db.execute("DELETE FROM writes WHERE at < ?", (cutoff,))
-                db.execute("DELETE FROM windows WHERE at < ?", (cutoff,))
+            db.execute("DELETE FROM messages WHERE first_seen < ?", (cutoff,))
+            db.execute("DELETE FROM writes WHERE at < ?", (cutoff,))
+            db.execute("DELETE FROM windows WHERE at < ?", (cutoff,))
 
         self._run(None, work)
 
@@ -1422,32 +1435,46 @@ def process_event(
     now = datetime.now(UTC)
     report = parse_report(event, now)
     facts.update(subject=report.subject, meter=report.meter, windows=len(report.windows))
-    answer = {"outcome": "written", "message_id": message_id, "subject": report.subject,
-              "meter": report.meter, "windows": len(report.windows)}  # fmt: skip
-    first_seen, done = (
-        (now.timestamp(), False) if dry_run else bridge.ledger.begin(message_id, digest)
-    )
+    answer: dict[str, Any] = {"outcome": "written", "message_id": message_id,
+                              "subject": report.subject, "meter": report.meter,
+                              "windows": len(report.windows)}  # fmt: skip
+    if dry_run:
+        found = resolve_target(report, bridge.config.current(), bridge)
+        writes = plan_writes(report, found, message_id, now)
+        return answer | {"outcome": "dry_run", "kind": found.kind,
+                         "writes": [write_facts(found, w) for w in writes]}  # fmt: skip
+    first_seen, done = bridge.ledger.begin(message_id, digest)
     if done:
         return answer | {"outcome": "already_written"}
-    target = resolve_target(report, bridge.config.current(), bridge)
-    facts["kind"] = target.kind
-    writes = plan_writes(report, target, message_id, now)
-    answer |= {"kind": target.kind, "stripe_object": target.stripe_object}
-    if dry_run:
-        return answer | {"outcome": "dry_run", "writes": [write_facts(target, w) for w in writes]}
-    pending, superseded = bridge.ledger.pending(writes, target.stripe_object, first_seen)
-    if superseded:
-        log_event(
-            "windows kept from a newer report",
-            logging.WARNING,
-            skipped=superseded,
-            hint="a report seen later already set these windows; this older one does not undo it",
-        )
-    write_report(
-        bridge, target, pending,
-        lambda write: bridge.ledger.accepted(write, target.stripe_object, message_id, first_seen),
-    )  # fmt: skip
-    bridge.ledger.finish(message_id)
+    message = Message(message_id, digest, first_seen)
+    accepted: list[Write] = []
+    target: Target | None = None
+
+    def remember(write: Write) -> None:
+        """Keeps track of accepted writes; a worker killed mid-report redoes at most 50."""
+        accepted.append(write)
+        if len(accepted) >= 50:
+            bridge.ledger.record(message, target, accepted, done=False)
+            accepted.clear()
+
+    finished = False
+    try:
+        target = resolve_target(report, bridge.config.current(), bridge)
+        facts["kind"] = answer["kind"] = target.kind
+        writes = plan_writes(report, target, message_id, now)
+        pending, superseded = bridge.ledger.pending(writes, target.stripe_object, first_seen)
+        if superseded:
+            log_event(
+                "windows kept from a newer report",
+                logging.WARNING,
+                skipped=superseded,
+                hint="a report seen later set these windows; this older one does not undo it",
+            )
+        write_report(bridge, target, pending, remember)
+        finished = True
+    finally:
+        # Even a failed attempt is remembered: when it was first seen decides which report wins.
+        bridge.ledger.record(message, target, accepted, done=finished)
     return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
 
 

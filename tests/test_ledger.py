@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from app import Ledger, create_app
+from app import Ledger, Message, create_app
 from tests.conftest import Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import hours_ago, report
@@ -108,8 +108,7 @@ def test_empty_state_path_turns_the_ledger_off(
 
 def test_entries_expire_after_48_hours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = Ledger(str(tmp_path / "ledger.sqlite3"))
-    ledger.begin("msg_old", "digest")
-    ledger.finish("msg_old")
+    ledger.record(Message("msg_old", "digest", time.time()), None, [], done=True)
     seen, done = ledger.begin("msg_old", "digest")
     assert done and abs(seen - time.time()) < 5
     later = time.time() + Ledger.KEEP_SECONDS + 60
