@@ -472,7 +472,7 @@ def _multiplier(raw: Any) -> Decimal | None:
 # --- verification ----------------------------------------------------------------------------
 
 
-def verify(body: bytes, headers: Mapping[str, str], secrets: Sequence[str]) -> str:
+def verify(body: bytes, headers: Mapping[str, str], verifiers: Sequence[Webhook]) -> str:
     """Checks the Svix signature against every configured secret; returns the message id."""
     # Svix's own header names win over the standard-webhooks ones, as in the svix library.
     signed = {
@@ -485,9 +485,9 @@ def verify(body: bytes, headers: Mapping[str, str], secrets: Sequence[str]) -> s
             "Send webhooks through Svix, or sign them with the Svix algorithm.",
         )
     reason = "no signature matches"
-    for secret in secrets:
+    for verifier in verifiers:
         try:
-            Webhook(secret).verify(body, signed)
+            verifier.verify(body, signed)
             return signed["webhook-id"]
         except WebhookVerificationError as error:
             reason = str(error)
@@ -1444,6 +1444,7 @@ class Bridge:
     subscriptions: Cache[Subscription]
     meters: Cache[Meter]
     ledger: Ledger
+    verifiers: tuple[Webhook, ...]
 
 
 def make_bridge(
@@ -1463,14 +1464,17 @@ def make_bridge(
     if problems:
         raise ConfigError(problems)
     client = make_stripe_client(settings)
-    return Bridge(settings, config, client, Cache(), Cache(), Ledger(settings.state_path))
+    verifiers = tuple(Webhook(secret) for secret in settings.webhook_secrets)
+    return Bridge(
+        settings, config, client, Cache(), Cache(), Ledger(settings.state_path), verifiers
+    )
 
 
 def process_webhook(
     bridge: Bridge, body: bytes, headers: Mapping[str, str], facts: dict[str, Any]
 ) -> dict[str, Any]:
     """Verify, then the rest of the path; returns the 200 answer."""
-    message_id = verify(body, headers, bridge.settings.webhook_secrets)
+    message_id = verify(body, headers, bridge.verifiers)
     return process_event(bridge, body, message_id, facts)
 
 

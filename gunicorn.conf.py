@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+from gunicorn.glogging import Logger
+
 # Prometheus counters shared by the workers live in files here; a fresh folder per start (under
 # TMPDIR, which must be writable) keeps them from adding up across restarts.
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bridge-metrics-")
@@ -20,6 +22,17 @@ timeout = 30
 graceful_timeout = 20
 keepalive = 5
 accesslog = None
+
+
+class BridgeLogger(Logger):  # type: ignore[misc]  # gunicorn ships no types
+    """gunicorn's logger without the access log: the bridge logs each webhook itself, and gunicorn
+    would otherwise format an access line per request whenever logconfig_dict is set."""
+
+    def access(self, *args: object, **kwargs: object) -> None:
+        """No access log."""
+
+
+logger_class = BridgeLogger
 # The runtime control socket would need a writable home directory; nothing here uses it.
 control_socket_disable = True
 logconfig_dict = {
@@ -36,7 +49,6 @@ logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["stderr"]},
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         "bridge": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         # The stripe library logs two INFO lines per request; the bridge logs each write itself.
         "stripe": {"level": "WARNING"},
