@@ -237,8 +237,10 @@ def settings_from_env(
     if not (port.isdigit() and 0 < int(port) < 65536):
         problems.append("PORT must be a TCP port number (1-65535)")
     budget = environ.get("TIME_BUDGET_SECONDS", "12").strip()
-    if not (re.fullmatch(r"\d+(\.\d+)?", budget) and 1 <= float(budget) <= 14):
-        problems.append("TIME_BUDGET_SECONDS must be between 1 and 14 (Svix waits 15 s)")
+    if not (re.fullmatch(r"\d+(\.\d+)?", budget) and 1 <= float(budget) <= 12):
+        problems.append(
+            "TIME_BUDGET_SECONDS must be between 1 and 12 (Svix waits 15 s; the rest is margin)"
+        )
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not (proxies.isdigit() and int(proxies) < 10):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -414,9 +416,24 @@ def parse_config(document: Any, problems: list[str] | None = None) -> Config:
             subjects[subject] = subscription
         else:
             problems.append(f"subjects.{subject}: must be a Stripe subscription ID (sub_...)")
+    # Two entries on one Stripe target would set the same windows and overwrite each other's usage.
+    _shared_targets("meters", {slug: mapping.price for slug, mapping in meters.items()}, problems)
+    _shared_targets("subjects", subjects, problems)
     if problems:
         raise ConfigError(problems)
     return Config(meters=meters, subjects=subjects)
+
+
+def _shared_targets(section: str, targets: Mapping[str, str], problems: list[str]) -> None:
+    """Flags every entry whose Stripe ID an earlier entry of the same section already uses."""
+    first: dict[str, str] = {}
+    for name, target in targets.items():
+        if target in first:
+            problems.append(
+                f"{section}.{name}: {target} is already used by {section}.{first[target]}; "
+                "both would set the same windows and overwrite each other"
+            )
+        first.setdefault(target, name)
 
 
 def _section(document: dict[Any, Any], name: str, problems: list[str]) -> dict[str, Any]:
@@ -623,7 +640,7 @@ def parse_time(raw: Any, path: str) -> datetime:
         raise BadRequest(f"{path}: must be an RFC 3339 timestamp such as 2026-11-22T00:00:00Z")
     try:
         return datetime.fromisoformat(raw.upper().replace(" ", "T")).astimezone(UTC)
-    except ValueError as error:
+    except (ValueError, OverflowError) as error:  # OverflowError: year 1 or 9999 shifted to UTC
         raise BadRequest(f"{path}: {error}") from error
 
 
@@ -821,6 +838,7 @@ class Item:
     usage_type: str | None
     aggregate_usage: str | None
     meter: str | None
+    period_start: int = 0  # the current billing period's start; usage records cannot go before it
 
 
 @dataclass(frozen=True)
@@ -954,6 +972,10 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
                 usage_type=(item["price"].get("recurring") or {}).get("usage_type"),
                 aggregate_usage=(item["price"].get("recurring") or {}).get("aggregate_usage"),
                 meter=(item["price"].get("recurring") or {}).get("meter"),
+                # Since basil the period lives on the item; before, on the subscription.
+                period_start=item.get("current_period_start")
+                or found.get("current_period_start")
+                or 0,
             )
             for item in items
         },
@@ -1079,11 +1101,26 @@ def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
             "meter whose event_time_window matches).",
             window_start=window.start.isoformat(),
         )
+    if not bucket and end > now.timestamp():
+        # A raw meter keeps a window's first event for good, so a partial value would stick.
+        raise StripeUnavailable(
+            f"window {window.start.isoformat()} is still open, and raw meter {meter.id} would "
+            "keep its partial value",
+            "Svix will retry; the window is written once it has closed.",
+            window_end=window.end.isoformat(),
+        )
 
 
 def window_timestamp(window: Window) -> int:
     """One second after the window starts: inside it, in its billing period, and in the past."""
     return math.floor(window.start.timestamp()) + 1
+
+
+def in_billing_period(window: Window, timestamp: int, item: Item) -> int:
+    """A window that a renewal splits is billed in the new period: the old one is invoiced."""
+    if window.start.timestamp() < item.period_start < window.end.timestamp():
+        return max(timestamp, item.period_start)
+    return timestamp  # wholly before the period: Stripe refuses it, and the answer says which
 
 
 def to_quantity(value: Decimal, mapping: MeterMapping) -> int:
@@ -1127,6 +1164,8 @@ def plan_writes(report: Report, target: Target, message_id: str, now: datetime) 
         timestamp = window_timestamp(window)
         if timestamp >= window.end.timestamp():
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
+        if not target.meter:
+            timestamp = in_billing_period(window, timestamp, target.item)
         if target.meter:
             check_meter_window(window, target.meter, now)
             value = to_meter_value(window.value, target.mapping)
@@ -1188,7 +1227,7 @@ class Ledger:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None or self._local.pid != os.getpid():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+            connection = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.executescript(self.SCHEMA)
@@ -1220,26 +1259,31 @@ class Ledger:
         return self._run((time.time(), False), work)
 
     def pending(
-        self, writes: Sequence[Write], stripe_object: str, first_seen: float
-    ) -> tuple[list[Write], int]:
-        """The writes still to make, and how many a message seen later has already superseded."""
+        self, writes: Sequence[Write], stripe_object: str, message: Message
+    ) -> tuple[list[Write], int, int]:
+        """The writes still to make; how many a later message superseded; how many another kept."""
 
-        def work(db: sqlite3.Connection) -> tuple[list[Write], int]:
-            todo, superseded = [], 0
+        def work(db: sqlite3.Connection) -> tuple[list[Write], int, int]:
+            todo, superseded, kept = [], 0, 0
             for write in writes:
                 if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
+                    # Only a raw meter's keys are shared between messages (one event per window).
+                    kept += bool(db.execute(
+                        "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?",
+                        (stripe_object, write.timestamp, message.id),
+                    ).fetchone())  # fmt: skip
                     continue
                 newer = db.execute(
                     "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND first_seen > ?",
-                    (stripe_object, write.timestamp, first_seen),
+                    (stripe_object, write.timestamp, message.first_seen),
                 ).fetchone()
                 if newer:
                     superseded += 1
                 else:
                     todo.append(write)
-            return todo, superseded
+            return todo, superseded, kept
 
-        return self._run((list(writes), 0), work)
+        return self._run((list(writes), 0, 0), work)
 
     def record(
         self, message: Message, target: Target | None, accepted: Sequence[Write], done: bool
@@ -1252,7 +1296,8 @@ class Ledger:
             try:
                 db.execute(
                     "INSERT INTO messages VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                    "digest = excluded.digest, done = max(done, excluded.done)",
+                    "digest = excluded.digest, done = CASE WHEN digest = excluded.digest "
+                    "THEN max(done, excluded.done) ELSE excluded.done END",
                     (message.id, message.digest, message.first_seen, int(done)),
                 )
                 db.executemany(
@@ -1289,7 +1334,7 @@ class Ledger:
 
 # --- writing to Stripe -----------------------------------------------------------------------
 
-_object_locks: dict[str, threading.Lock] = {}
+_object_locks: dict[str, tuple[threading.Lock, int]] = {}  # a lock and how many want it
 _object_locks_guard = threading.Lock()
 
 
@@ -1297,16 +1342,25 @@ _object_locks_guard = threading.Lock()
 def one_writer(stripe_object: str) -> Iterator[None]:
     """Writes to one Stripe object one at a time: concurrent writes hit Stripe's lock timeouts."""
     with _object_locks_guard:
-        lock = _object_locks.setdefault(stripe_object, threading.Lock())
-    if not lock.acquire(timeout=max(min(time_left(), 60.0), 0)):
-        raise StripeUnavailable(
-            f"another webhook kept {stripe_object} busy until the time budget ran out",
-            "Svix will retry.",
-        )
+        lock, users = _object_locks.get(stripe_object, (threading.Lock(), 0))
+        _object_locks[stripe_object] = lock, users + 1
     try:
-        yield
+        if not lock.acquire(timeout=max(min(time_left(), 60.0), 0)):
+            raise StripeUnavailable(
+                f"another webhook kept {stripe_object} busy until the time budget ran out",
+                "Svix will retry.",
+            )
+        try:
+            yield
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        with _object_locks_guard:  # the last user drops the lock: the table stays small
+            lock, users = _object_locks[stripe_object]
+            if users == 1:
+                del _object_locks[stripe_object]
+            else:
+                _object_locks[stripe_object] = lock, users - 1
 
 
 def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str | None:
@@ -1355,10 +1409,8 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
 
 def _already_exists(error: stripe.InvalidRequestError) -> bool:
     """Stripe's answer to an identifier it already has: the event is in, which is success."""
-    # Stripe gives this error no code; its param, or failing that its fixed wording, tells it.
-    return error.param == "identifier" or "already exists with identifier" in str(
-        error.user_message
-    )
+    # Stripe gives this error no code; its fixed wording tells it from a malformed identifier.
+    return "already exists with identifier" in str(error.user_message)
 
 
 def write_facts(target: Target, write: Write) -> dict[str, Any]:
@@ -1387,42 +1439,41 @@ def write_report(
     """Sends every window in order; a refused window does not keep the others from Stripe."""
     refused: list[dict[str, Any]] = []
     written = 0
-    with one_writer(target.stripe_object):
-        for write in writes:
-            facts = write_facts(target, write)
-            try:
-                request_id = send_write(bridge.stripe, target, write)
-            except (stripe.StripeError, StripeUnavailable) as error:
-                window = {
-                    "window_start": write.window.start.isoformat(),
-                    "window_end": write.window.end.isoformat(),
-                }
-                problem = error if isinstance(error, BridgeError) else classify(error, **window)
-                log_event(
-                    "stripe write failed",
-                    logging.WARNING,
-                    **facts,
-                    status=problem.status,
-                    stripe_request_id=getattr(error, "request_id", None),
-                )
-                if isinstance(problem, StripeUnavailable):
-                    # Svix's next attempt resumes: the ledger skips what Stripe has accepted.
-                    problem.details.update(written=written, remaining=len(writes) - written)
-                    raise problem from error
-                bridge.subscriptions.forget(target.subscription.id)
-                refused.append(problem.body())
-                continue
-            written += 1
-            on_accepted(write)
-            if request_id is None and target.meter and not target.meter.event_time_window:
-                log_event(
-                    "raw meter kept the window's first event",
-                    logging.WARNING,
-                    **facts,
-                    hint="a correction of this window, if it was one, is not applied",
-                )
-            WINDOWS_WRITTEN.labels(target.kind).inc()
-            log_event("stripe write", **facts, stripe_request_id=request_id)
+    for write in writes:
+        facts = write_facts(target, write)
+        try:
+            request_id = send_write(bridge.stripe, target, write)
+        except (stripe.StripeError, StripeUnavailable) as error:
+            window = {
+                "window_start": write.window.start.isoformat(),
+                "window_end": write.window.end.isoformat(),
+            }
+            problem = error if isinstance(error, BridgeError) else classify(error, **window)
+            log_event(
+                "stripe write failed",
+                logging.WARNING,
+                **facts,
+                status=problem.status,
+                stripe_request_id=getattr(error, "request_id", None),
+            )
+            if isinstance(problem, StripeUnavailable):
+                # Svix's next attempt resumes: the ledger skips what Stripe has accepted.
+                problem.details.update(written=written, remaining=len(writes) - written)
+                raise problem from error
+            bridge.subscriptions.forget(target.subscription.id)
+            refused.append(problem.body())
+            continue
+        written += 1
+        on_accepted(write)
+        if request_id is None and target.meter and not target.meter.event_time_window:
+            log_event(
+                "raw meter kept the window's first event",
+                logging.WARNING,
+                **facts,
+                hint="a correction of this window, if it was one, is not applied",
+            )
+        WINDOWS_WRITTEN.labels(target.kind).inc()
+        log_event("stripe write", **facts, stripe_request_id=request_id)
     if refused:
         raise StripeRefused(
             f"Stripe refused {len(refused)} of {len(writes)} windows: {refused[0]['message']}",
@@ -1511,33 +1562,59 @@ def process_event(
     message = Message(message_id, digest, first_seen)
     accepted: list[Write] = []
     target: Target | None = None
+    finished = flushed = False
+
+    def flush(done: bool) -> None:
+        """Records the accepted writes; a worker killed mid-report redoes at most 50."""
+        nonlocal flushed
+        bridge.ledger.record(message, target, accepted, done=done)
+        accepted.clear()
+        flushed = True
 
     def remember(write: Write) -> None:
-        """Keeps track of accepted writes; a worker killed mid-report redoes at most 50."""
         accepted.append(write)
         if len(accepted) >= 50:
-            bridge.ledger.record(message, target, accepted, done=False)
-            accepted.clear()
+            flush(False)
 
-    finished = False
     try:
         target = resolve_target(report, bridge.config.current(), bridge)
         facts["kind"] = answer["kind"] = target.kind
         writes = plan_writes(report, target, message_id, now)
-        pending, superseded = bridge.ledger.pending(writes, target.stripe_object, first_seen)
-        if superseded:
-            log_event(
-                "windows kept from a newer report",
-                logging.WARNING,
-                skipped=superseded,
-                hint="a report seen later set these windows; this older one does not undo it",
-            )
-        write_report(bridge, target, pending, remember)
-        finished = True
+        # Deciding what to send, sending and recording it under one lock keeps a newer report
+        # for the same windows, waiting in this worker, from being undone by this one.
+        with one_writer(target.stripe_object):
+            try:
+                pending, superseded, kept = bridge.ledger.pending(
+                    writes, target.stripe_object, message
+                )
+                warn_skipped(superseded, kept)
+                write_report(bridge, target, pending, remember)
+                finished = True
+            finally:
+                flush(finished)
     finally:
-        # Even a failed attempt is remembered: when it was first seen decides which report wins.
-        bridge.ledger.record(message, target, accepted, done=finished)
+        if not flushed:
+            # Even a failed attempt is remembered: when it was first seen decides which wins.
+            flush(finished)
     return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
+
+
+def warn_skipped(superseded: int, kept: int) -> None:
+    """Says when the ledger kept a window from being written again, and why."""
+    if superseded:
+        log_event(
+            "windows kept from a newer report",
+            logging.WARNING,
+            skipped=superseded,
+            hint="a report seen later set these windows; this older one does not undo it",
+        )
+    if kept:
+        log_event(
+            "raw meter kept the window's first event",
+            logging.WARNING,
+            skipped=kept,
+            hint="a correction of these windows, if it was one, is not applied",
+        )
 
 
 def read_body() -> bytes:

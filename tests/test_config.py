@@ -59,6 +59,14 @@ def test_the_shipped_example_config_is_valid() -> None:
         ("meters: [price_1A]\n", "meters: must be a mapping"),
         ("- a\n", "(top level)"),
         ("meters: {a: [", "not valid YAML"),
+        (
+            "meters:\n  a: price_1A\n  b: {price: price_1A}\n",
+            "meters.b: price_1A is already used by meters.a",
+        ),
+        (
+            "subjects:\n  c: sub_1C\n  d: sub_1C\n",
+            "subjects.d: sub_1C is already used by subjects.c",
+        ),
     ],
 )
 def test_bad_config_names_the_entry(tmp_path: Path, text: str, expected: str) -> None:
@@ -90,6 +98,7 @@ GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
         ({"STRIPE_API_BASE": "ftp://x"}, "STRIPE_API_BASE"),
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
+        ({"TIME_BUDGET_SECONDS": "13"}, "TIME_BUDGET_SECONDS must be between 1 and 12"),
     ],
 )
 def test_bad_environment_names_the_variable(changes: dict[str, str], expected: str) -> None:

@@ -136,3 +136,16 @@ def test_large_report_completes_across_attempts_and_a_killed_worker(
     assert attempts[-1][0] == 200, attempts
     assert attempts[0][0] == 503 and len(attempts) >= 2
     assert stripe_fake.usage_total(billing.api) == 1 + 3 * 100
+
+
+def test_a_reused_id_whose_new_body_failed_is_not_taken_as_written(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    first = hours_ago(5)
+    assert deliver(client, report([4], first=first), "msg_reused").status_code == 200
+    stripe_fake.inject("500", path="/usage_records", count=None, probability=1.0)
+    assert deliver(client, report([7], first=first), "msg_reused").status_code == 503
+    stripe_fake.clear_faults()
+    again = deliver(client, report([7], first=first), "msg_reused")
+    assert again.json is not None and again.json["outcome"] == "written"
+    assert stripe_fake.usage_total(billing.api) == 7

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+import app
 from tests.conftest import deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import hours_ago, report
@@ -314,3 +315,31 @@ def test_concurrent_reports_to_one_meter_are_written_one_at_a_time(
         thread.join()
     assert statuses == [200, 200, 200]
     assert not [r for r in stripe_fake.requests if r.status == 429]
+    assert app._object_locks == {}  # the last writer drops an object's lock
+
+
+def test_raw_meter_waits_for_an_open_window_to_close(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Meters
+) -> None:
+    open_window = report([3], meter="tokens", first=hours_ago(0))  # ends within the hour
+    response = deliver(client, open_window, "msg_open")
+    assert response.status_code == 503
+    assert response.json is not None and "still open" in response.json["message"]
+    assert events(stripe_fake, "tokens_raw") == []
+    hourly = report([3], meter="api_calls", first=hours_ago(0))  # a bucket is overwritten later
+    assert deliver(client, hourly, "msg_open_hourly").status_code == 200
+
+
+def test_raw_meter_correction_skipped_by_the_ledger_is_logged(
+    client: FlaskClient,
+    stripe_fake: FakeStripe,
+    billing: Meters,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = hours_ago(4)
+    assert deliver(client, report([10], meter="tokens", first=first), "msg_k1").status_code == 200
+    corrected = deliver(client, report([12], meter="tokens", first=first), "msg_k2")
+    assert corrected.status_code == 200
+    assert corrected.json is not None and corrected.json["skipped"] == 1
+    assert any(r.getMessage() == "raw meter kept the window's first event" for r in caplog.records)
+    assert [e["payload"] for e in events(stripe_fake, "tokens_raw")][-1]["value"] == "10"

@@ -370,3 +370,31 @@ def test_wrong_path_and_method_answer_json(client: FlaskClient) -> None:
 
 def test_app_factory_reads_config_path(app: Flask, config_path: Path) -> None:
     assert app.extensions["bridge"].settings.config_path == str(config_path)
+
+
+def test_a_window_split_by_a_renewal_is_billed_in_the_new_period(
+    config_path: Path, environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    window = hours_ago(3)
+    renewal = int(window.timestamp()) + 1234  # subscriptions renew at the second they began
+    stripe_fake.add_subscription("sub_1Renewed", prices=["price_1Api"], period_start=renewal)
+    config_path.write_text(config_path.read_text() + "  renewed: sub_1Renewed\n")
+    client = create_app(environment).test_client()
+    assert deliver(client, report([7], subject="renewed", first=window)).status_code == 200
+    item = stripe_fake.item_id("sub_1Renewed", "price_1Api")
+    assert stripe_fake.usage_records(item) == {renewal: 7}
+    later = report([8], subject="renewed", first=window + timedelta(hours=1))
+    assert deliver(client, later, "msg_next").status_code == 200  # later windows: start + 1 s
+    assert stripe_fake.usage_records(item)[int(window.timestamp()) + 3601] == 8
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_timestamps_beyond_what_utc_can_hold_are_400(
+    client: FlaskClient, stripe_fake: FakeStripe, moment: str
+) -> None:
+    event = report([1])
+    event["usage"][0]["windowStart"] = moment
+    response = deliver(client, event)
+    assert response.status_code == 400
+    assert response.json is not None and "windowStart" in response.json["message"]
+    assert not stripe_fake.writes()
