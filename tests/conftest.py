@@ -78,6 +78,7 @@ def billing(stripe_fake: FakeStripe) -> Billing:
     prices = ["price_1Api", "price_1Storage", "price_1Cpu"]
     stripe_fake.add_subscription("sub_1Customer1", prices=prices)
     stripe_fake.add_subscription("sub_1Acme", prices=["price_1Tokens", "price_1Api"])
+    stripe_fake.add_subscription("sub_1Newcomer", prices=["price_1Api"])  # onboarded by tests
     return Billing(
         customer1="sub_1Customer1",
         acme="sub_1Acme",

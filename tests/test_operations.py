@@ -24,7 +24,7 @@ from tests.conftest import API_KEY, CONFIG_YAML, Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, example, hours_ago, report, sign, wait_until
 
-NEW_SUBJECT = CONFIG_YAML.replace("subjects:\n", "subjects:\n  newcomer: sub_1Acme\n")
+NEW_SUBJECT = CONFIG_YAML.replace("subjects:\n", "subjects:\n  newcomer: sub_1Newcomer\n")
 
 
 @pytest.fixture
