@@ -8,6 +8,7 @@ count twice.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import contextvars
 import hashlib
@@ -730,13 +731,15 @@ class BudgetHTTPClient(stripe.HTTPClient):
         if key not in pool:
             host, port = target.hostname or "", target.port
             connection: http.client.HTTPConnection
-            if target.scheme == "https":
+            proxy = self._https_proxy
+            if target.scheme == "https" and proxy.hostname and not _bypass_proxy(host):
+                # A CONNECT tunnel through the proxy, then TLS with Stripe end to end.
+                connection = http.client.HTTPSConnection(
+                    proxy.hostname, proxy.port or 80, context=self._tls
+                )
+                connection.set_tunnel(host, port, headers=_proxy_authorization(proxy))
+            elif target.scheme == "https":
                 connection = http.client.HTTPSConnection(host, port, context=self._tls)
-                if self._https_proxy.hostname:
-                    connection = http.client.HTTPSConnection(
-                        self._https_proxy.hostname, self._https_proxy.port, context=self._tls
-                    )
-                    connection.set_tunnel(host, port)
             else:
                 connection = http.client.HTTPConnection(host, port)
             pool[key] = connection
@@ -756,6 +759,21 @@ class BudgetHTTPClient(stripe.HTTPClient):
         if not hasattr(self._connections, "pool"):
             self._connections.pool = {}
         return cast(dict[tuple[str, str], http.client.HTTPConnection], self._connections.pool)
+
+
+def _bypass_proxy(host: str) -> bool:
+    """Whether NO_PROXY exempts host from HTTPS_PROXY."""
+    return bool(urllib.request.proxy_bypass_environment(host))  # type: ignore[attr-defined]
+
+
+def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
+    """Basic credentials from HTTPS_PROXY's user:password, as the CONNECT request carries them."""
+    if proxy.username is None:
+        return {}
+    user = urllib.parse.unquote(proxy.username)
+    password = urllib.parse.unquote(proxy.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Proxy-Authorization": f"Basic {token}"}
 
 
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:

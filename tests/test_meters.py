@@ -342,4 +342,7 @@ def test_raw_meter_correction_skipped_by_the_ledger_is_logged(
     assert corrected.status_code == 200
     assert corrected.json is not None and corrected.json["skipped"] == 1
     assert any(r.getMessage() == "raw meter kept the window's first event" for r in caplog.records)
-    assert [e["payload"] for e in events(stripe_fake, "tokens_raw")][-1]["value"] == "10"
+    assert events(stripe_fake, "tokens_raw")[-1]["payload"] == {
+        "stripe_customer_id": billing.customer,
+        "value": "10",
+    }
