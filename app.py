@@ -866,6 +866,7 @@ class Subscription:
     id: str
     customer: str
     items: Mapping[str, Item]
+    status: str = "active"
 
 
 @dataclass(frozen=True)
@@ -983,6 +984,7 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
     customer = found["customer"]
     return Subscription(
         id=subscription,
+        status=found["status"],
         customer=customer if isinstance(customer, str) else customer["id"],
         items={
             item["price"]["id"]: Item(
@@ -1813,22 +1815,15 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     for subject, subscription_id in config.subjects.items():
         entry = f"subjects.{subject}"
         try:
-            found = client.v1.subscriptions.retrieve(subscription_id).to_dict()
             subscription = fetch_subscription(client, subscription_id)
-        except (stripe.StripeError, BridgeError) as error:
-            rows.append(
-                (
-                    entry,
-                    "problem",
-                    f"{subscription_id}: {getattr(error, 'user_message', None) or error}",
-                )
-            )
+        except BridgeError as error:
+            rows.append((entry, "problem", f"{subscription_id}: {error.message}"))
             continue
         missing = sorted(
             m.price for m in config.meters.values() if m.price not in subscription.items
         )
-        if found["status"] not in ("active", "trialing"):
-            rows.append((entry, "problem", f"{subscription_id} is {found['status']}"))
+        if subscription.status not in ("active", "trialing"):
+            rows.append((entry, "problem", f"{subscription_id} is {subscription.status}"))
         elif missing:
             rows.append(
                 (entry, "problem", f"{subscription_id} has no item for {', '.join(missing)}")
@@ -1838,7 +1833,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 (
                     entry,
                     "ok",
-                    f"{subscription_id} ({found['status']}, customer {subscription.customer})",
+                    f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
                 )
             )
     return rows
