@@ -778,6 +778,8 @@ def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
 
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries)."""
+    # Telemetry would write an id under $HOME (unwritable, or unset, in a locked-down container).
+    stripe.enable_telemetry = False
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,

@@ -416,3 +416,12 @@ def test_https_proxy_tunnels_with_its_credentials_except_for_no_proxy(
     direct = transport._connection(urllib.parse.urlsplit("https://stripe.internal/v1/prices"))
     assert (direct.host, direct.port) == ("stripe.internal", 443)
     assert direct._tunnel_host is None  # type: ignore[attr-defined]
+
+
+def test_no_stripe_telemetry_so_nothing_is_written_under_home(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    deliver(client, report([1, 2]))
+    for request in stripe_fake.requests:
+        assert "x-stripe-client-telemetry" not in request.headers
+        assert "telemetry_id" not in request.headers["x-stripe-client-user-agent"]
