@@ -1,19 +1,41 @@
 # The bridge as a container: gunicorn serving app.py, configured by the environment and config.yaml.
+# Run it with a read-only root filesystem and the ledger on a volume:
+#   docker run --read-only --tmpfs /tmp -v bridge-state:/var/lib/bridge -e STRIPE_API_KEY ... IMAGE
+
+# Build stage: the pinned dependencies, every file checked against its sha256 in requirements.txt,
+# into a venv. Wheels only: nothing is compiled, and no sdist's build backend (whose own
+# dependencies pip would not hash-check) runs. Only the venv, without pip, reaches the image.
+FROM python:3.11.14-slim-bookworm AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY requirements.txt /build/requirements.txt
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
+        -r /build/requirements.txt \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools
+
+# The image: the base Python (no compiler on slim), minus its installer and build backends.
 FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PORT=8080
+    PATH=/opt/venv/bin:$PATH \
+    PORT=8080 \
+    STATE_PATH=/var/lib/bridge/bridge.sqlite3
+
+# No pip, setuptools or wheel; the service's user; the ledger's folder, owned by that user (a named
+# volume mounted there starts out with the same owner).
+RUN /usr/local/bin/python -m pip uninstall --yes pip setuptools wheel \
+    && groupadd --system --gid 10001 bridge \
+    && useradd --system --uid 10001 --gid bridge --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin bridge \
+    && install --directory --owner=10001 --group=10001 --mode=0700 /var/lib/bridge
+COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
-
 COPY app.py gunicorn.conf.py config.yaml ./
-RUN groupadd --system --gid 10001 bridge \
-    && useradd --system --uid 10001 --gid bridge --no-create-home --shell /usr/sbin/nologin bridge
 USER 10001:10001
+VOLUME ["/var/lib/bridge"]
 
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \

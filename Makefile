@@ -3,16 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit demo check-config bench clean
+.PHONY: run test lint unit sandbox hashes demo check-config bench chaos clean
 
-# The runtime environment (what the Dockerfile installs), and the dev tools on top of it.
+# The runtime environment (what the Dockerfile installs), and the dev tools on top of it. Every
+# file pip may take is pinned by its sha256 (`make hashes` writes them); pip refuses anything else.
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.txt
 	touch $@
 
 $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.txt
 	touch $@
 
 ## run: start the service the way the container does (needs STRIPE_API_KEY, OPENMETER_WEBHOOK_SECRET)
@@ -22,8 +23,16 @@ run: $(BIN)/.runtime
 ## test: lint, then the whole test suite
 test: lint unit
 
-unit: $(BIN)/.dev
+unit: $(BIN)/.dev sandbox
 	$(BIN)/python -m pytest
+
+# tests/test_container.py runs the container's CMD under bubblewrap with a read-only root. It is
+# installed where that is possible (root with apt-get, as in CI); elsewhere that test skips.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || echo "bubblewrap is not installed: the read-only-root container test will skip"
 
 ## lint: ruff (lint + format), mypy, hadolint
 lint: $(BIN)/.dev
@@ -31,6 +40,10 @@ lint: $(BIN)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+
+## hashes: after changing a pin, write the sha256 of every file of each pinned release (from PyPI)
+hashes:
+	$(PYTHON) tools/hash_requirements.py requirements.txt requirements-dev.txt
 
 ## check-config: validate $(CONFIG_PATH) (default config.yaml) offline; ARGS=--online asks Stripe too
 check-config: $(BIN)/.runtime
@@ -43,6 +56,10 @@ demo: $(BIN)/.dev
 ## bench: the full benchmark (several minutes); bench/run.py --help for options
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run
+
+## chaos: Svix-like at-least-once delivery while Stripe faults and workers are SIGKILLed (~3 min)
+chaos: $(BIN)/.dev
+	$(BIN)/python -m tests.chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

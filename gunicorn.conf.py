@@ -1,13 +1,37 @@
 """Gunicorn settings: what the Dockerfile's CMD and `make run` start."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from gunicorn.glogging import Logger
 
-# Prometheus counters shared by the workers live in files here; a fresh folder per start (under
-# TMPDIR, which must be writable) keeps them from adding up across restarts.
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bridge-metrics-")
+
+def scratch_dir() -> str | None:
+    """Where gunicorn's scratch files go: TMPDIR if set, else /dev/shm (memory, and writable in a
+    container whose root filesystem is read-only), else Python's default temporary folder."""
+    shm = "/dev/shm"  # noqa: S108  # only ever used through mkstemp/mkdtemp: private, unique names
+    if os.environ.get("TMPDIR") or not os.access(shm, os.W_OK | os.X_OK):
+        return None
+    return shm
+
+
+# Each worker's heartbeat file, which gunicorn touches about once a second: better not on disk.
+worker_tmp_dir = scratch_dir()
+# Prometheus counters shared by the workers live in files here; a fresh folder per start keeps
+# them from adding up across restarts, and the master removes it when it exits.
+_metrics_dir = tempfile.mkdtemp(prefix="bridge-metrics-", dir=worker_tmp_dir)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+_master_pid = os.getpid()
+
+
+@atexit.register
+def _remove_metrics_dir() -> None:
+    """In the master only: workers exit through sys.exit too, while their siblings still count."""
+    if os.getpid() == _master_pid:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
 
 wsgi_app = "app:serve()"
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
