@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import (
     ROUND_CEILING,
     ROUND_FLOOR,
@@ -522,9 +522,10 @@ def verify(body: bytes, headers: Mapping[str, str], verifiers: Sequence[Webhook]
 # --- parsing ---------------------------------------------------------------------------------
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
-NUMERIC_STRING = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+NUMERIC_STRING = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII only
 # Exact decimal arithmetic on any value that passes parse_value's bounds.
 DECIMAL = Context(prec=80)
+MAX_WINDOW = timedelta(days=31)  # OpenMeter's largest window size is a month
 
 
 @dataclass(frozen=True)
@@ -555,7 +556,7 @@ def decode_json(body: bytes) -> Any:
             parse_constant=_reject_constant,
             object_pairs_hook=_reject_duplicates,
         )
-    except (ValueError, RecursionError) as error:
+    except (ValueError, ArithmeticError, RecursionError) as error:  # 1e999999999999: Decimal's
         raise BadRequest(
             f"body is not valid JSON: {str(error)[:200]}",
             "Send the OpenMeter report body unchanged.",
@@ -607,6 +608,8 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         end = parse_time(row.get("windowEnd"), f"usage[{index}].windowEnd")
         if end <= start:
             raise BadRequest(f"usage[{index}]: windowEnd must be after windowStart")
+        if end - start > MAX_WINDOW:
+            raise BadRequest(f"usage[{index}]: a window cannot be longer than 31 days")
         if start > now:
             raise BadRequest(f"usage[{index}]: window starts in the future ({row['windowStart']})")
         value = parse_value(row.get("value"), f"usage[{index}].value")
@@ -651,7 +654,10 @@ def parse_value(raw: Any, path: str) -> Decimal:
         raise BadRequest(f"{path}: must be a number or a numeric string")
     if isinstance(raw, str) and not NUMERIC_STRING.fullmatch(raw.strip()):
         raise BadRequest(f"{path}: {raw[:40]!r} is not a number")
-    value = Decimal(raw.strip() if isinstance(raw, str) else raw)
+    try:
+        value = Decimal(raw.strip() if isinstance(raw, str) else raw)
+    except ArithmeticError as error:  # an exponent beyond what Decimal holds
+        raise BadRequest(f"{path}: value out of range") from error
     if value < 0:
         raise BadRequest(f"{path}: usage cannot be negative ({value})")
     # Bounds keep the arithmetic exact: far beyond any real meter, far below Decimal's limits.
