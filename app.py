@@ -1287,16 +1287,18 @@ class Ledger:
         return self._run((time.time(), False), work)
 
     def pending(
-        self, writes: Sequence[Write], stripe_object: str, message: Message
+        self, writes: Sequence[Write], target: Target, message: Message
     ) -> tuple[list[Write], int, int]:
         """The writes still to make; how many a later message superseded; how many another kept."""
+        stripe_object = target.stripe_object
+        shared_keys = bool(target.meter and not target.meter.event_time_window)
 
         def work(db: sqlite3.Connection) -> tuple[list[Write], int, int]:
             todo, superseded, kept = [], 0, 0
             for write in writes:
                 if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
                     # Only a raw meter's keys are shared between messages (one event per window).
-                    kept += bool(db.execute(
+                    kept += shared_keys and bool(db.execute(
                         "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?",
                         (stripe_object, write.timestamp, message.id),
                     ).fetchone())  # fmt: skip
@@ -1549,6 +1551,17 @@ def make_bridge(
     )
 
 
+def attempt_budget(budget: float, headers: Mapping[str, str], now: float) -> float:
+    """The budget, less what the attempt waited since Svix sent it (queued behind busy threads).
+
+    Svix's 15 s run from when it sent the attempt; the signed timestamp says when that was, to the
+    second. At most half the budget is discounted, so a skewed clock cannot starve every attempt.
+    """
+    sent = headers.get("svix-timestamp") or headers.get("webhook-timestamp") or ""
+    waited = now - int(sent) - 1 if sent.isdigit() and len(sent) < 16 else 0.0
+    return budget - min(max(waited, 0.0), budget / 2)
+
+
 def process_webhook(
     bridge: Bridge, body: bytes, headers: Mapping[str, str], facts: dict[str, Any]
 ) -> dict[str, Any]:
@@ -1612,9 +1625,7 @@ def process_event(
         # for the same windows, waiting in this worker, from being undone by this one.
         with one_writer(target.stripe_object):
             try:
-                pending, superseded, kept = bridge.ledger.pending(
-                    writes, target.stripe_object, message
-                )
+                pending, superseded, kept = bridge.ledger.pending(writes, target, message)
                 warn_skipped(superseded, kept)
                 write_report(bridge, target, pending, remember)
                 finished = True
@@ -1707,7 +1718,8 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
         try:
             if bridge is None:
                 raise NotReady("the service is not configured: " + "; ".join(problems))
-            with time_budget(bridge.settings.time_budget):
+            budget = attempt_budget(bridge.settings.time_budget, headers, time.time())
+            with time_budget(budget):
                 answer, status = process_webhook(bridge, read_body(), headers, facts), 200
         except BridgeError as error:
             answer, status = error.body(), error.status

@@ -149,3 +149,23 @@ def test_a_reused_id_whose_new_body_failed_is_not_taken_as_written(
     again = deliver(client, report([7], first=first), "msg_reused")
     assert again.json is not None and again.json["outcome"] == "written"
     assert stripe_fake.usage_total(billing.api) == 7
+
+
+def test_no_raw_meter_warning_for_usage_records(
+    client: FlaskClient,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = report([10, 20, 30])
+    # With this seed only the third write is rate limited: msg_A writes two windows, then 503.
+    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=0)
+    first = deliver(client, body, "msg_A")
+    assert first.status_code == 503 and first.json is not None and first.json["written"] == 2
+    stripe_fake.clear_faults()
+    assert deliver(client, body, "msg_B").status_code == 200  # the same windows, a new message
+    with caplog.at_level(logging.WARNING, logger="bridge"):
+        assert deliver(client, body, "msg_A").status_code == 200  # Svix's retry of msg_A
+    assert stripe_fake.usage_total(billing.api) == 60
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "raw meter kept the window's first event" not in warnings, warnings

@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import USAGE_RECORDS_API_VERSION, BudgetHTTPClient, create_app
+from app import USAGE_RECORDS_API_VERSION, BudgetHTTPClient, attempt_budget, create_app
 from tests.conftest import Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
 from tests.harness import ROTATED_SECRET, SECRET, example, hours_ago, iso, report, sign
@@ -358,6 +358,35 @@ def test_time_budget_bounds_the_answer_and_the_next_attempt_resumes(
     assert again.status_code == 200
     assert again.json is not None and again.json["skipped"] >= written
     assert stripe_fake.usage_total(billing.api) == 11
+
+
+def test_time_queued_since_svix_sent_the_attempt_counts_against_the_budget(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    client = create_app(environment | {"TIME_BUDGET_SECONDS": "4"}).test_client()
+    deliver(client, report([1], first=hours_ago(30)), "msg_warmup")
+    stripe_fake.latency = 0.3
+    sent = datetime.now(UTC) - timedelta(seconds=3)  # waited in a busy worker's queue
+    started = time.monotonic()
+    response = deliver(client, report([1] * 20), "msg_queued", at=sent)
+    assert 1.5 < time.monotonic() - started < 3.0  # 4 s, less the 2 s beyond Svix's rounding
+    assert response.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, 12.0),  # replay, or no timestamp: the whole budget
+        ({"svix-timestamp": "1000"}, 12.0),  # within the timestamp's rounding
+        ({"svix-timestamp": "997"}, 9.5),
+        ({"webhook-timestamp": "997"}, 9.5),
+        ({"svix-timestamp": "1"}, 6.0),  # a clock far behind costs at most half
+        ({"svix-timestamp": "1100"}, 12.0),  # a clock ahead gains nothing
+        ({"svix-timestamp": "-5"}, 12.0),
+    ],
+)
+def test_attempt_budget(headers: dict[str, str], expected: float) -> None:
+    assert attempt_budget(12.0, headers, 1000.5) == expected
 
 
 def test_healthz(client: FlaskClient) -> None:
