@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -616,6 +617,14 @@ class FakeStripe:
                     m: {c: str(self.meter_value(m, c)) for mm, c in sorted(metered) if mm == m}
                     for m in self._meters
                 },
+                "meter_buckets": {  # meter -> customer -> bucket start -> value
+                    m: {
+                        c: {str(start): str(v) for start, v in self.meter_buckets(m, c).items()}
+                        for mm, c in sorted(metered)
+                        if mm == m
+                    }
+                    for m in self._meters
+                },
                 "faults_injected": dict(self.faults_injected),
                 "requests": len(self.requests),
                 "writes": len(self.writes()),
@@ -1188,6 +1197,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], fake: FakeStripe) -> None:
         super().__init__(address, _Handler)
         self.fake = fake
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (say, a killed process) is not an error; anything else is."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -154,3 +154,12 @@ def healthy(base: str) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+def worker_pids(master: int) -> list[int]:
+    """The gunicorn master's children: its workers (empty if the master is gone)."""
+    try:
+        children = Path(f"/proc/{master}/task/{master}/children").read_text()
+    except OSError:
+        return []
+    return [int(pid) for pid in children.split()]

@@ -416,6 +416,8 @@ def test_pre_aggregated_bucket_keeps_the_newest_received(
     meter_event(client, "tokens", "7", "c", timestamp=hour - 5)
     assert fake.meter_buckets("mtr_hourly", "cus_1") == {hour - HOUR: 7, hour: 3}
     assert fake.meter_value("mtr_hourly", "cus_1") == 10
+    buckets = control(fake, "state")["meter_buckets"]["mtr_hourly"]
+    assert buckets == {"cus_1": {str(hour - HOUR): "7", str(hour): "3"}}
 
 
 @pytest.mark.usefixtures("meters")
