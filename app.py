@@ -1558,7 +1558,7 @@ def attempt_budget(budget: float, headers: Mapping[str, str], now: float) -> flo
     second. At most half the budget is discounted, so a skewed clock cannot starve every attempt.
     """
     sent = headers.get("svix-timestamp") or headers.get("webhook-timestamp") or ""
-    waited = now - int(sent) - 1 if sent.isdigit() and len(sent) < 16 else 0.0
+    waited = now - int(sent) - 1 if re.fullmatch(r"[0-9]{1,15}", sent) else 0.0
     return budget - min(max(waited, 0.0), budget / 2)
 
 

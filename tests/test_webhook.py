@@ -383,6 +383,7 @@ def test_time_queued_since_svix_sent_the_attempt_counts_against_the_budget(
         ({"svix-timestamp": "1"}, 6.0),  # a clock far behind costs at most half
         ({"svix-timestamp": "1100"}, 12.0),  # a clock ahead gains nothing
         ({"svix-timestamp": "-5"}, 12.0),
+        ({"svix-timestamp": "99\u00b2"}, 12.0),  # a superscript digit is no digit here
     ],
 )
 def test_attempt_budget(headers: dict[str, str], expected: float) -> None:
