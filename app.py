@@ -116,6 +116,10 @@ class StripeUnavailable(BridgeError):
     status, code = 503, "stripe_unavailable"
 
 
+class WindowsWaiting(BridgeError):
+    status, code = 503, "windows_waiting"
+
+
 # --- logs and metrics ------------------------------------------------------------------------
 
 
@@ -235,7 +239,7 @@ def settings_from_env(
     if api_base and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", api_base):
         problems.append("STRIPE_API_BASE must be an http(s) URL such as https://api.stripe.com")
     port = environ.get("PORT", "8080").strip()
-    if not (port.isdigit() and 0 < int(port) < 65536):
+    if not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
         problems.append("PORT must be a TCP port number (1-65535)")
     budget = environ.get("TIME_BUDGET_SECONDS", "12").strip()
     if not (re.fullmatch(r"\d+(\.\d+)?", budget) and 1 <= float(budget) <= 12):
@@ -243,8 +247,11 @@ def settings_from_env(
             "TIME_BUDGET_SECONDS must be between 1 and 12 (Svix waits 15 s; the rest is margin)"
         )
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
-    if not (proxies.isdigit() and int(proxies) < 10):
+    if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
+    egress = environ.get("HTTPS_PROXY") or environ.get("https_proxy") or ""
+    if egress and not _is_http_proxy(egress):
+        problems.append("HTTPS_PROXY must be http://[user:password@]host[:port] (a CONNECT proxy)")
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -257,6 +264,15 @@ def settings_from_env(
         state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
         time_budget=float(budget),
     )
+
+
+def _is_http_proxy(url: str) -> bool:
+    """Whether url names a plain-HTTP CONNECT proxy, the only kind the Stripe transport speaks."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        return parts.scheme == "http" and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        return False
 
 
 def config_path(environ: Mapping[str, str]) -> str:
@@ -525,7 +541,7 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:
 NUMERIC_STRING = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII only
 # Exact decimal arithmetic on any value that passes parse_value's bounds.
 DECIMAL = Context(prec=80)
-MAX_WINDOW = timedelta(days=31)  # OpenMeter's largest window size is a month
+MAX_WINDOW = timedelta(days=32)  # OpenMeter's largest window is a month (31 days and a DST hour)
 
 
 @dataclass(frozen=True)
@@ -609,7 +625,7 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         if end <= start:
             raise BadRequest(f"usage[{index}]: windowEnd must be after windowStart")
         if end - start > MAX_WINDOW:
-            raise BadRequest(f"usage[{index}]: a window cannot be longer than 31 days")
+            raise BadRequest(f"usage[{index}]: a window cannot be longer than a month")
         if start > now:
             raise BadRequest(f"usage[{index}]: window starts in the future ({row['windowStart']})")
         value = parse_value(row.get("value"), f"usage[{index}].value")
@@ -865,6 +881,7 @@ class Item:
     aggregate_usage: str | None
     meter: str | None
     period_start: int = 0  # the current billing period's start; usage records cannot go before it
+    period_end: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -1004,6 +1021,9 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
                 period_start=item.get("current_period_start")
                 or found.get("current_period_start")
                 or 0,
+                period_end=item.get("current_period_end")
+                or found.get("current_period_end")
+                or math.inf,
             )
             for item in items
         },
@@ -1035,7 +1055,10 @@ def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
     subscription = bridge.subscriptions.get(
         subscription_id,
         partial(fetch_subscription, bridge.stripe),
-        lambda found: mapping.price in found.items,
+        # A renewed subscription has a new period: its cached copy is stale.
+        lambda found: (
+            mapping.price in found.items and found.items[mapping.price].period_end > time.time()
+        ),
     )
     item = subscription.items.get(mapping.price)
     if item is None:
@@ -1129,14 +1152,18 @@ def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
             "meter whose event_time_window matches).",
             window_start=window.start.isoformat(),
         )
-    if not bucket and end > now.timestamp():
+
+
+def not_yet(window: Window, target: Target, now: datetime) -> str | None:
+    """Why a window must wait before it is written, if it must."""
+    end = window.end.timestamp()
+    if target.meter and not target.meter.event_time_window and end > now.timestamp():
         # A raw meter keeps a window's first event for good, so a partial value would stick.
-        raise StripeUnavailable(
-            f"window {window.start.isoformat()} is still open, and raw meter {meter.id} would "
-            "keep its partial value",
-            "Svix will retry; the window is written once it has closed.",
-            window_end=window.end.isoformat(),
-        )
+        return f"still open, and raw meter {target.meter.id} would keep a partial value for good"
+    if not target.meter and window.start.timestamp() < target.item.period_end < end:
+        # Written now it would land in this period, and again, in full, in the next one.
+        return "spans the subscription's renewal; it is billed in the new period once that begins"
+    return None
 
 
 def window_timestamp(window: Window) -> int:
@@ -1184,25 +1211,32 @@ def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> s
     return "om-" + hashlib.sha256("\n".join(meaning).encode()).hexdigest()[:48]
 
 
-def plan_writes(report: Report, target: Target, message_id: str, now: datetime) -> list[Write]:
-    """Checks a report against its target's rules and computes every write, before any is sent."""
+def plan_writes(
+    report: Report, target: Target, message_id: str, now: datetime
+) -> tuple[list[Write], list[dict[str, str]]]:
+    """Checks a report against its target's rules and computes every write, before any is sent;
+    also returns the windows that must wait (written by a later attempt)."""
     check_aggregation(report, target)
-    writes = []
+    writes, waiting = [], []
     for window in report.windows:
         timestamp = window_timestamp(window)
         if timestamp >= window.end.timestamp():
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
+        if target.meter:
+            check_meter_window(window, target.meter, now)
+        if reason := not_yet(window, target, now):
+            waiting.append({"window_start": window.start.isoformat(), "reason": reason})
+            continue
         if not target.meter:
             timestamp = in_billing_period(window, timestamp, target.item)
         if target.meter:
-            check_meter_window(window, target.meter, now)
             value = to_meter_value(window.value, target.mapping)
             key = meter_event_identifier(message_id, target, timestamp)
         else:
             value = str(to_quantity(window.value, target.mapping))
             key = idempotency_key(message_id, target.item.id, timestamp, value)
         writes.append(Write(window, timestamp, value, key))
-    return writes
+    return writes, waiting
 
 
 # --- the ledger: what Stripe already accepted ----------------------------------------------------
@@ -1594,8 +1628,8 @@ def process_event(
                               "windows": len(report.windows)}  # fmt: skip
     if dry_run:
         found = resolve_target(report, bridge.config.current(), bridge)
-        writes = plan_writes(report, found, message_id, now)
-        return answer | {"outcome": "dry_run", "kind": found.kind,
+        writes, waiting = plan_writes(report, found, message_id, now)
+        return answer | {"outcome": "dry_run", "kind": found.kind, "waiting": waiting,
                          "writes": [write_facts(found, w) for w in writes]}  # fmt: skip
     first_seen, done = bridge.ledger.begin(message_id, digest)
     if done:
@@ -1620,7 +1654,7 @@ def process_event(
     try:
         target = resolve_target(report, bridge.config.current(), bridge)
         facts["kind"] = answer["kind"] = target.kind
-        writes = plan_writes(report, target, message_id, now)
+        writes, waiting = plan_writes(report, target, message_id, now)
         # Deciding what to send, sending and recording it under one lock keeps a newer report
         # for the same windows, waiting in this worker, from being undone by this one.
         with one_writer(target.stripe_object):
@@ -1628,13 +1662,21 @@ def process_event(
                 pending, superseded, kept = bridge.ledger.pending(writes, target, message)
                 warn_skipped(superseded, kept)
                 write_report(bridge, target, pending, remember)
-                finished = True
+                finished = not waiting
             finally:
                 flush(finished)
     finally:
         if not flushed:
             # Even a failed attempt is remembered: when it was first seen decides which wins.
             flush(finished)
+    if waiting:
+        raise WindowsWaiting(
+            f"{len(waiting)} of {len(writes) + len(waiting)} windows must wait: "
+            f"{waiting[0]['window_start']} {waiting[0]['reason']}",
+            "Nothing to do: Svix retries, and the windows are written once they can be.",
+            written=len(pending),
+            waiting=waiting,
+        )
     return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
 
 
@@ -1802,6 +1844,7 @@ def check_config_command(path: str | None, online: bool) -> None:
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
     """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
     rows: list[tuple[str, str, str]] = []
+    meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
         try:
@@ -1825,6 +1868,9 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 f"{mapping.price}: meter events to {meter.id} ({meter.event_name}, "
                 f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
             )
+            if (other := meter_users.setdefault(meter.id, entry)) != entry:
+                rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
+                continue
             rows.append(
                 (
                     entry,

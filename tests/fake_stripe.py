@@ -520,6 +520,12 @@ class FakeStripe:
                 self.add_item(subscription, price)
         return subscription
 
+    def renew(self, subscription: str, period_end: int) -> None:
+        """Starts a subscription's next billing period where the current one ends."""
+        with self._lock:
+            found = self._subscriptions[subscription]
+            found.period_start, found.period_end = found.period_end, period_end
+
     def add_item(self, subscription: str, price: str) -> str:
         """Adds a price to an existing subscription; returns the new item's id."""
         with self._lock:

@@ -99,6 +99,11 @@ GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
         ({"TIME_BUDGET_SECONDS": "13"}, "TIME_BUDGET_SECONDS must be between 1 and 12"),
+        ({"PORT": "80\u00b2"}, "PORT"),
+        ({"TRUSTED_PROXIES": "\u0661"}, "TRUSTED_PROXIES"),
+        ({"HTTPS_PROXY": "proxy.corp:3128"}, "HTTPS_PROXY must be http://"),
+        ({"HTTPS_PROXY": "http://u:pk_test_abc@proxy:http"}, "HTTPS_PROXY must be http://"),
+        ({"https_proxy": "https://u:pk_test_abc@proxy:3128"}, "HTTPS_PROXY must be http://"),
     ],
 )
 def test_bad_environment_names_the_variable(changes: dict[str, str], expected: str) -> None:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from tests.conftest import API_KEY, Billing, Service
 from tests.fake_stripe import FakeStripe
-from tests.harness import SECRET, free_port, post, report, sign, start_service
+from tests.harness import (
+    SECRET,
+    free_port,
+    healthy,
+    post,
+    report,
+    sign,
+    start_service,
+    wait_until,
+)
 
 
 def test_dockerfile_cmd_serves_webhooks(
@@ -38,6 +47,21 @@ def test_dockerfile_cmd_serves_webhooks(
     assert all(line["idempotency_key"].startswith("msg_e2e:") for line in writes)
     text = log_path.read_text()
     assert API_KEY not in text and SECRET.removeprefix("whsec_") not in text
+
+
+def test_the_master_removes_the_metrics_folder_on_exit(
+    environment: dict[str, str], billing: Billing, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    port = free_port()
+    env = environment | {"PORT": str(port), "TMPDIR": str(scratch)}
+    process = start_service(env, tmp_path / "gunicorn.log")
+    wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), timeout=20)
+    assert [p.name[:15] for p in scratch.iterdir()] == ["bridge-metrics-"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert list(scratch.iterdir()) == []
 
 
 def test_refuses_to_start_without_its_environment(tmp_path: Path) -> None:

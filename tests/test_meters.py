@@ -321,11 +321,14 @@ def test_concurrent_reports_to_one_meter_are_written_one_at_a_time(
 def test_raw_meter_waits_for_an_open_window_to_close(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Meters
 ) -> None:
-    open_window = report([3], meter="tokens", first=hours_ago(0))  # ends within the hour
-    response = deliver(client, open_window, "msg_open")
+    closed_and_open = report([2, 3], meter="tokens", first=hours_ago(1))  # the last one is open
+    response = deliver(client, closed_and_open, "msg_open")
     assert response.status_code == 503
-    assert response.json is not None and "still open" in response.json["message"]
-    assert events(stripe_fake, "tokens_raw") == []
+    assert response.json is not None and response.json["error"] == "windows_waiting"
+    assert "still open" in response.json["message"] and response.json["written"] == 1
+    assert [e["payload"] for e in events(stripe_fake, "tokens_raw")] == [
+        {"stripe_customer_id": billing.customer, "value": "2"}
+    ]
     hourly = report([3], meter="api_calls", first=hours_ago(0))  # a bucket is overwritten later
     assert deliver(client, hourly, "msg_open_hourly").status_code == 200
 

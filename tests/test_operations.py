@@ -182,6 +182,25 @@ def test_check_config_online_reports_what_stripe_lacks(
     assert "problem" in lines["subjects.customer-1"]  # lacks price_1Licensed and price_1Nope
 
 
+def test_check_config_online_finds_two_prices_on_one_meter(
+    tmp_path: Path, stripe_fake: FakeStripe, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stripe_fake.add_meter("mtr_1Shared", event_name="shared", event_time_window="hour")
+    stripe_fake.add_price("price_1MeterA", aggregate_usage=None, meter="mtr_1Shared")
+    stripe_fake.add_price("price_1MeterB", aggregate_usage=None, meter="mtr_1Shared")
+    path = tmp_path / "config.yaml"
+    path.write_text("meters:\n  a: price_1MeterA\n  b: price_1MeterB\nsubjects: {}\n")
+    monkeypatch.setenv("STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", stripe_fake.url)
+    result = app.test_cli_runner().invoke(args=["check-config", str(path), "--online"])
+    assert result.exit_code == 1, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert "ok" in lines["meters.a"]
+    assert (
+        "problem" in lines["meters.b"] and "meters.a already uses mtr_1Shared" in lines["meters.b"]
+    )
+
+
 def test_check_config_online_passes_a_good_config(
     tmp_path: Path, stripe_fake: FakeStripe, app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:

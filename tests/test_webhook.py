@@ -455,3 +455,40 @@ def test_no_stripe_telemetry_so_nothing_is_written_under_home(
     for request in stripe_fake.requests:
         assert "x-stripe-client-telemetry" not in request.headers
         assert "telemetry_id" not in request.headers["x-stripe-client-user-agent"]
+
+
+def test_an_open_window_spanning_the_renewal_waits_for_the_new_period(
+    config_path: Path, environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    now = int(time.time())
+    window = hours_ago(0)  # open: it ends within the hour
+    stripe_fake.add_subscription(
+        "sub_1Renewing",
+        prices=["price_1Api"],
+        period_start=now - 30 * 86400,
+        period_end=now + 2,  # the renewal falls inside the open window
+    )
+    config_path.write_text(config_path.read_text() + "  renewing: sub_1Renewing\n")
+    client = create_app(environment).test_client()
+    earlier = report([4, 5], subject="renewing", first=window - timedelta(hours=1))
+    response = deliver(client, earlier, "msg_before")
+    assert response.status_code == 503
+    assert response.json is not None and response.json["error"] == "windows_waiting"
+    assert "renewal" in response.json["message"] and response.json["written"] == 1
+    item = stripe_fake.item_id("sub_1Renewing", "price_1Api")
+    assert list(stripe_fake.usage_records(item).values()) == [4]  # only the closed window
+    time.sleep(2.5)
+    stripe_fake.renew("sub_1Renewing", period_end=now + 86400)
+    again = deliver(client, report([5], subject="renewing", first=window), "msg_after")
+    assert again.status_code == 200, again.json  # the cached copy was stale: fetched again
+    assert stripe_fake.usage_records(item)[now + 2] == 5  # in full, in the new period
+
+
+def test_a_calendar_month_across_a_dst_change_is_one_window(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    event = report([5])
+    event["usage"][0]["windowStart"] = "2026-10-01T00:00:00+02:00"  # 31 days and an hour
+    event["usage"][0]["windowEnd"] = "2026-11-01T00:00:00+01:00"
+    response = deliver(client, event)
+    assert response.status_code != 400, response.json
