@@ -34,8 +34,8 @@ bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 # A webhook mostly waits on Stripe: threads keep a slow Stripe call from holding a whole process.
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# 16 threads a worker: at 50-400 ms a Stripe call, 32 webhooks in flight cost little CPU; each thread
-# keeps its own connection to Stripe.
+# 16 threads a worker: at 50-400 ms a Stripe call, 32 webhooks in flight cost little CPU; each
+# thread keeps its own connection to Stripe.
 threads = 16
 # Load the app once in the master: a bad config stops the start with one clear message.
 preload_app = True
