@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +26,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.harness import PROJECT, SECRET, free_port, healthy, sign, start_service, wait_until
+from tests.harness import (
+    PROJECT,
+    SECRET,
+    fake_control,
+    free_port,
+    healthy,
+    sign,
+    start_service,
+    wait_until,
+)
 
 API_KEY = "sk_test_bench"
 # At month-end thousands of customers report at once: at least one subject per sender, so that
@@ -54,12 +62,7 @@ class Stack:
 
     def fake_control(self, path: str, body: Any = None) -> Any:
         """Calls the fake Stripe's control API."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"{self.fake_url}/_fake/{path}", data=data, method="POST" if data else "GET"
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+        return fake_control(self.fake_url, path, body)
 
     def windows(self, subject: str, count: int, value: int) -> list[dict[str, Any]]:
         """`count` fresh one-minute windows for subject, each remembered as sent with value."""

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from tests.fake_stripe import FAULT_KINDS
 from tests.harness import (
     PROJECT,
     SECRET,
+    fake_control,
     free_port,
     healthy,
     sign,
@@ -428,12 +428,7 @@ class Stack:
 
     def control(self, path: str, body: Any = None) -> Any:
         """Calls the fake Stripe's control API (never faulted)."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"{self.fake_url}/_fake/{path}", data=data, method="POST" if data else "GET"
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+        return fake_control(self.fake_url, path, body)
 
 
 def fixtures() -> dict[str, Any]:

@@ -163,3 +163,13 @@ def worker_pids(master: int) -> list[int]:
     except OSError:
         return []
     return [int(pid) for pid in children.split()]
+
+
+def fake_control(fake_url: str, path: str, body: Any = None) -> Any:
+    """Calls a fake Stripe's control API (/_fake/...; never faulted)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{fake_url}/_fake/{path}", data=data, method="POST" if data else "GET"
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
