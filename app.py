@@ -1227,12 +1227,11 @@ def plan_writes(
         if reason := not_yet(window, target, now):
             waiting.append({"window_start": window.start.isoformat(), "reason": reason})
             continue
-        if not target.meter:
-            timestamp = in_billing_period(window, timestamp, target.item)
         if target.meter:
             value = to_meter_value(window.value, target.mapping)
             key = meter_event_identifier(message_id, target, timestamp)
         else:
+            timestamp = in_billing_period(window, timestamp, target.item)
             value = str(to_quantity(window.value, target.mapping))
             key = idempotency_key(message_id, target.item.id, timestamp, value)
         writes.append(Write(window, timestamp, value, key))
