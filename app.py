@@ -928,6 +928,11 @@ class Target:
             return f"{self.subscription.customer}/{self.meter.id}"
         return self.item.id
 
+    @property
+    def raw_meter(self) -> bool:
+        """A meter without pre-aggregation: it adds every event, so a window is sent only once."""
+        return bool(self.meter and not self.meter.event_time_window)
+
 
 def find_mapping(report: Report, config: Config) -> tuple[str, MeterMapping]:
     """The subscription and meter mapping for a report, or a 422 telling what to add."""
@@ -1157,7 +1162,7 @@ def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
 def not_yet(window: Window, target: Target, now: datetime) -> str | None:
     """Why a window must wait before it is written, if it must."""
     end = window.end.timestamp()
-    if target.meter and not target.meter.event_time_window and end > now.timestamp():
+    if target.meter and target.raw_meter and end > now.timestamp():
         # A raw meter keeps a window's first event for good, so a partial value would stick.
         return f"still open, and raw meter {target.meter.id} would keep a partial value for good"
     if not target.meter and window.start.timestamp() < target.item.period_end < end:
@@ -1206,7 +1211,7 @@ def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> s
     meaning = [target.meter.event_name, target.subscription.customer, str(timestamp)]
     # A pre-aggregated meter keeps the newest event per bucket, so each message must be new to it;
     # a raw meter adds every event, so a window must never be sent twice.
-    if target.meter.event_time_window:
+    if not target.raw_meter:
         meaning.insert(0, message_id)
     return "om-" + hashlib.sha256("\n".join(meaning).encode()).hexdigest()[:48]
 
@@ -1324,14 +1329,13 @@ class Ledger:
     ) -> tuple[list[Write], int, int]:
         """The writes still to make; how many a later message superseded; how many another kept."""
         stripe_object = target.stripe_object
-        shared_keys = bool(target.meter and not target.meter.event_time_window)
 
         def work(db: sqlite3.Connection) -> tuple[list[Write], int, int]:
             todo, superseded, kept = [], 0, 0
             for write in writes:
                 if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
                     # Only a raw meter's keys are shared between messages (one event per window).
-                    kept += shared_keys and bool(db.execute(
+                    kept += target.raw_meter and bool(db.execute(
                         "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?",
                         (stripe_object, write.timestamp, message.id),
                     ).fetchone())  # fmt: skip
@@ -1528,7 +1532,7 @@ def write_report(
             continue
         written += 1
         on_accepted(write)
-        if request_id is None and target.meter and not target.meter.event_time_window:
+        if request_id is None and target.raw_meter:
             log_event(
                 "raw meter kept the window's first event",
                 logging.WARNING,
