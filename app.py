@@ -49,6 +49,8 @@ import yaml
 from flask import Flask, Response, jsonify, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from stripe import _api_requestor as stripe_requestor
+from stripe import _util as stripe_util
 from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -798,10 +800,26 @@ def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
     return {"Proxy-Authorization": f"Basic {token}"}
 
 
+def _log_if_heard(level: int, log: Callable[..., None]) -> Callable[..., None]:
+    """stripe's log function, called only when its logger or its console output would show it."""
+
+    def log_if_heard(message: str, **params: Any) -> None:
+        console = stripe_util._console_log_level()  # type: ignore[no-untyped-call]  # STRIPE_LOG
+        if console or stripe_util.logger.isEnabledFor(level):
+            log(message, **params)
+
+    return log_if_heard
+
+
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries)."""
     # Telemetry would write an id under $HOME (unwritable, or unset, in a locked-down container).
     stripe.enable_telemetry = False
+    # stripe formats five log lines per request (the whole answer included) before it asks whether
+    # anyone listens: 0.2 ms of a webhook's 2.5 ms of CPU. Ask first; what is logged is the same.
+    # (The two names are stripe's internals, pinned with stripe's version in requirements.txt.)
+    stripe_requestor.log_info = _log_if_heard(logging.INFO, stripe_util.log_info)  # type: ignore[attr-defined]
+    stripe_requestor.log_debug = _log_if_heard(logging.DEBUG, stripe_util.log_debug)  # type: ignore[attr-defined]
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from flask.testing import FlaskClient
+from stripe import _util as stripe_util
 
 from app import CACHE_MAX_ENTRIES, CACHE_TTL_SECONDS, USAGE_RECORDS_API_VERSION, Cache, create_app
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
@@ -603,3 +605,28 @@ def test_killed_mid_report_the_next_attempt_skips_every_recorded_batch_of_50(
     resent = [int(r.params["timestamp"]) for r in usage_posts(stripe_fake)[before:]]
     assert min(resent) == first_unrecorded  # nothing the ledger recorded was sent again
     assert stripe_fake.usage_total(billing.api) == 2 * windows
+
+
+def test_stripe_log_lines_are_built_only_when_someone_reads_them(
+    client: FlaskClient, billing: Billing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+    original = stripe_util.logfmt
+    monkeypatch.setattr(stripe_util, "logfmt", lambda props: built.append("") or original(props))
+    assert deliver(client, report([1])).status_code == 200
+    assert built == []  # the stripe logger is at WARNING and STRIPE_LOG is unset
+    heard: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = heard.append  # type: ignore[method-assign]
+    stripe_logger = logging.getLogger("stripe")
+    level = stripe_logger.level
+    stripe_logger.setLevel(logging.DEBUG)
+    stripe_logger.addHandler(handler)
+    try:
+        assert deliver(client, report([2], first=hours_ago(5))).status_code == 200
+    finally:
+        stripe_logger.removeHandler(handler)
+        stripe_logger.setLevel(level)
+    messages = [record.getMessage() for record in heard]
+    assert built and any(m.startswith("message='Request to Stripe api'") for m in messages)
+    assert any("API response body" in m for m in messages)
