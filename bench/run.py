@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from tests.harness import (
     sign,
     start_service,
     wait_until,
+    worker_pids,
 )
 
 API_KEY = "sk_test_bench"
@@ -292,6 +294,62 @@ def big_report(stack: Stack, windows: int) -> dict[str, Any]:
     return {"windows": windows, "attempts": len(attempts), "each": "; ".join(attempts)}
 
 
+def fake_alone(stack: Stack, requests: int) -> float:
+    """The p50 (ms) of one usage record posted straight to the fake Stripe, as the bridge would:
+    what of a webhook's latency is the fake's own."""
+    address = urllib.parse.urlsplit(stack.fake_url)
+    connection = http.client.HTTPConnection(address.hostname or "", address.port, timeout=15)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Stripe-Version": "2025-02-24.acacia",
+               "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
+    latencies = []
+    for number in range(requests):
+        [row] = stack.windows("customer-0", 1, 1 + number % 97)
+        start = datetime.strptime(row["windowStart"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        body = urllib.parse.urlencode(
+            {"quantity": row["value"], "timestamp": int(start.timestamp()) + 1, "action": "set"}
+        )
+        path = f"/v1/subscription_items/{stack.items['customer-0']}/usage_records"
+        started = time.perf_counter()
+        connection.request("POST", path, body, headers | {"Idempotency-Key": f"alone_{number}"})
+        response = connection.getresponse()
+        response.read()
+        latencies.append(time.perf_counter() - started)
+        assert response.status == 200, response.status
+    return statistics.median(latencies) * 1000
+
+
+def floor(workdir: Path, pause: float, requests: int) -> tuple[float, float]:
+    """CPU ms per request of bench/floor.py's do-nothing app under gunicorn.conf.py, one sender:
+    back to back, then `pause` apart (as one sender waiting on Stripe leaves the service idle)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {"PORT": str(port), "TMPDIR": str(workdir)}
+    service = start_service(env, workdir / "floor.log", "bench.floor:app")
+    try:
+        wait_until(
+            lambda: len(worker_pids(service.pid)) == 2 and healthy(f"http://127.0.0.1:{port}")
+        )
+        pids = [service.pid, *worker_pids(service.pid)]
+        # A webhook's size and headers; the app does not look at them.
+        row = {"subject": "customer-0", "value": 1, "windowStart": "2026-01-01T00:00:00Z",
+               "windowEnd": "2026-01-01T00:01:00Z"}  # fmt: skip
+        body = report([row], "customer-0").encode()
+        headers = sign(body.decode(), "msg_floor")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        costs = []
+        for gap in (0.0, pause):
+            before = cpu_seconds(pids)
+            for _ in range(requests):
+                time.sleep(gap)
+                connection.request("POST", "/webhook", body, headers)
+                connection.getresponse().read()
+            costs.append((cpu_seconds(pids) - before) * 1000 / requests)
+        return costs[0], costs[1]
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """A plain-text table."""
     columns = list(rows[0])
@@ -325,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             facts["start to first /healthz 200 (s)"] = round(stack.startup_seconds, 2)
             load(stack, "warm-up", 32, warm_up, 1)
             rows.append(load(stack, "1 sender, 1 window", 1, n(300), 1).row())
+            facts["fake Stripe alone: p50 of one usage record (ms)"] = round(
+                fake_alone(stack, n(300)), 1
+            )
             rows.append(load(stack, "32 senders, 1 window", 32, n(3000), 1).row())
             rows.append(load(stack, "1 sender, 24 windows", 1, n(30), 24).row())
             if not (args.smoke or args.no_soak):
@@ -352,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
             lost, doubled = check_usage(stack)
             facts["lost / doubled windows (large report)"] = f"{lost} / {doubled}"
             problems += lost + doubled
+        back_to_back, apart = floor(Path(folder) / "c", args.latency, n(300))
+        facts["floor: a do-nothing app under gunicorn.conf.py, 1 sender (CPU ms/request)"] = (
+            f"{back_to_back:.2f} back to back; {apart:.2f} with {args.latency * 1000:.0f} ms "
+            "between requests"
+        )
     python = sys.version.split()[0]
     print(
         f"fake Stripe latency {args.latency * 1000:.0f} ms; {os.cpu_count()} CPUs; Python {python}"

@@ -124,12 +124,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_service(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Runs the Dockerfile's CMD from the project folder, this venv's executables first on PATH."""
+def start_service(
+    env: dict[str, str], log_path: Path, wsgi_app: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Runs the Dockerfile's CMD from the project folder, this venv's executables first on PATH
+    (serving wsgi_app instead of the bridge, if given)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            dockerfile_cmd(),
+            dockerfile_cmd() + ([wsgi_app] if wsgi_app else []),
             cwd=PROJECT,
             env={"PATH": path, "WEB_CONCURRENCY": "2", **env},
             stdout=log,
