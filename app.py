@@ -816,7 +816,7 @@ def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     # Telemetry would write an id under $HOME (unwritable, or unset, in a locked-down container).
     stripe.enable_telemetry = False
     # stripe formats five log lines per request (the whole answer included) before it asks whether
-    # anyone listens: 0.2 ms of a webhook's 2.5 ms of CPU. Ask first; what is logged is the same.
+    # anyone listens: about 0.2 ms of CPU a webhook. Ask first; what is logged stays the same.
     # (The two names are stripe's internals, pinned with stripe's version in requirements.txt.)
     stripe_requestor.log_info = _log_if_heard(logging.INFO, stripe_util.log_info)  # type: ignore[attr-defined]
     stripe_requestor.log_debug = _log_if_heard(logging.DEBUG, stripe_util.log_debug)  # type: ignore[attr-defined]

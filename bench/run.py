@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from app import USAGE_RECORDS_API_VERSION
 from tests.harness import (
     PROJECT,
     SECRET,
@@ -299,7 +300,7 @@ def fake_alone(stack: Stack, requests: int) -> float:
     what of a webhook's latency is the fake's own."""
     address = urllib.parse.urlsplit(stack.fake_url)
     connection = http.client.HTTPConnection(address.hostname or "", address.port, timeout=15)
-    headers = {"Authorization": f"Bearer {API_KEY}", "Stripe-Version": "2025-02-24.acacia",
+    headers = {"Authorization": f"Bearer {API_KEY}", "Stripe-Version": USAGE_RECORDS_API_VERSION,
                "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
     latencies = []
     for number in range(requests):
