@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,16 +21,15 @@ import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from app import USAGE_RECORDS_API_VERSION
 from tests.harness import (
-    PROJECT,
-    SECRET,
-    fake_control,
+    Running,
+    fake_and_service,
     free_port,
     healthy,
     sign,
@@ -49,23 +47,13 @@ FIRST_WINDOW = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(da
 
 
 @dataclass
-class Stack:
-    """The fake Stripe and the service, both running."""
+class Stack(Running):
+    """The fake Stripe and the service, both running, and the usage sent to them."""
 
-    fake_url: str
-    base: str
-    service: subprocess.Popen[bytes]
-    log_path: Path
-    startup_seconds: float
-    fake: subprocess.Popen[bytes]
     items: dict[str, str] = field(default_factory=dict)  # subject -> subscription item
     sent: dict[tuple[str, int], int] = field(default_factory=dict)  # (item, timestamp) -> value
     next_window: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def fake_control(self, path: str, body: Any = None) -> Any:
-        """Calls the fake Stripe's control API."""
-        return fake_control(self.fake_url, path, body)
 
     def windows(self, subject: str, count: int, value: int) -> list[dict[str, Any]]:
         """`count` fresh one-minute windows for subject, each remembered as sent with value."""
@@ -109,50 +97,21 @@ def running(latency: float, workdir: Path, budget: float = 12.0) -> Iterator[Sta
     """Starts the fake Stripe and the service; stops both afterwards."""
     prices = [{"id": "price_1Bench", "usage_type": "metered", "aggregate_usage": "sum"}]
     subscriptions = [{"id": f"sub_1Bench{n}", "prices": ["price_1Bench"]} for n in range(SUBJECTS)]
-    workdir.mkdir(parents=True, exist_ok=True)
-    fixtures = workdir / "fixtures.json"
-    fixtures.write_text(json.dumps({"prices": prices, "subscriptions": subscriptions}))
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_stripe", "--port", "0", "--api-key", API_KEY,
-         "--fixtures", str(fixtures), "--latency", str(latency)],
-        cwd=PROJECT, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert fake.stdout
-    fake_url = fake.stdout.readline().decode().strip()
-    config = workdir / "config.yaml"
     subjects = "".join(f"  customer-{n}: sub_1Bench{n}\n" for n in range(SUBJECTS))
-    config.write_text(f"meters:\n  api_requests: price_1Bench\nsubjects:\n{subjects}")
-    port = free_port()
+    config = f"meters:\n  api_requests: price_1Bench\nsubjects:\n{subjects}"
     env = {
         "STRIPE_API_KEY": API_KEY,
-        "OPENMETER_WEBHOOK_SECRET": SECRET,
-        "CONFIG_PATH": str(config),
-        "STRIPE_API_BASE": fake_url,
         "STATE_PATH": str(workdir / "state.sqlite3"),
-        "PORT": str(port),
-        "TMPDIR": str(workdir),
         "TIME_BUDGET_SECONDS": str(budget),
     }
-    log_path = workdir / "service.log"
-    started = time.monotonic()
-    service = start_service(env, log_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: healthy(base) or service.poll() is not None, timeout=30)
-        startup = time.monotonic() - started
-        if service.poll() is not None:
-            raise SystemExit(log_path.read_text())
-        stack = Stack(fake_url, base, service, log_path, startup, fake)
-        state = stack.fake_control("state")
+    fixtures = {"prices": prices, "subscriptions": subscriptions}
+    with fake_and_service(workdir, fixtures, config, env, latency) as started:
+        stack = Stack(**{f.name: getattr(started, f.name) for f in fields(Running)})
+        state = stack.control("state")
         for n in range(SUBJECTS):
             items = state["subscriptions"][f"sub_1Bench{n}"]["items"]["data"]
             stack.items[f"customer-{n}"] = items[0]["id"]
         yield stack
-    finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=30)
-        fake.send_signal(signal.SIGTERM)
-        fake.wait(timeout=30)
 
 
 class Sender:
@@ -230,7 +189,7 @@ class Result:
 
 def load(stack: Stack, name: str, concurrency: int, webhooks: int, windows: int) -> Result:
     """A closed loop: `concurrency` senders, each sending again as soon as it has an answer."""
-    calls_before = stack.fake_control("state")["requests"]
+    calls_before = stack.control("state")["requests"]
     pids = stack.processes()
     cpu_before = cpu_seconds(pids)
     latencies: list[float] = []
@@ -258,13 +217,13 @@ def load(stack: Stack, name: str, concurrency: int, webhooks: int, windows: int)
         list(pool.map(sender_loop, range(concurrency)))
     elapsed = time.perf_counter() - started
     cpu = cpu_seconds(pids) - cpu_before
-    calls = stack.fake_control("state")["requests"] - calls_before
+    calls = stack.control("state")["requests"] - calls_before
     return Result(name, webhooks, elapsed, latencies, failures, cpu * 1000, calls)
 
 
 def check_usage(stack: Stack) -> tuple[int, int]:
     """(lost, doubled): windows whose usage in the fake Stripe is below or above what was sent."""
-    records = stack.fake_control("state")["usage_records"]
+    records = stack.control("state")["usage_records"]
     lost = doubled = 0
     for (item, timestamp), value in stack.sent.items():
         landed = int(records.get(item, {}).get(str(timestamp), 0))

@@ -28,14 +28,12 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -44,14 +42,9 @@ from typing import Any
 
 from tests.fake_stripe import FAULT_KINDS
 from tests.harness import (
-    PROJECT,
-    SECRET,
-    fake_control,
-    free_port,
-    healthy,
+    Running,
+    fake_and_service,
     sign,
-    start_service,
-    wait_until,
     worker_pids,
 )
 
@@ -417,20 +410,6 @@ class Killer:
 # --- the stack -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    """The fake Stripe and the service, both running."""
-
-    fake_url: str
-    base: str
-    service: subprocess.Popen[bytes]
-    log_path: Path
-
-    def control(self, path: str, body: Any = None) -> Any:
-        """Calls the fake Stripe's control API (never faulted)."""
-        return fake_control(self.fake_url, path, body)
-
-
 def fixtures() -> dict[str, Any]:
     """20 customers, each with a subscription to a legacy price and a pre-aggregated meter price."""
     return {
@@ -459,46 +438,13 @@ def config_yaml() -> str:
     return f"meters:\n{meters}subjects:\n{subjects}"
 
 
-@contextmanager
-def running(workdir: Path) -> Iterator[Stack]:
-    """Starts the fake Stripe and the service as production does; stops both afterwards."""
-    (workdir / "fixtures.json").write_text(json.dumps(fixtures()))
-    (workdir / "config.yaml").write_text(config_yaml())
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_stripe", "--port", "0", "--api-key", API_KEY,
-         "--fixtures", str(workdir / "fixtures.json")],
-        cwd=PROJECT, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    service: subprocess.Popen[bytes] | None = None
-    try:
-        assert fake.stdout
-        fake_url = fake.stdout.readline().decode().strip()
-        port = free_port()
-        env = {
-            "STRIPE_API_KEY": API_KEY,
-            "OPENMETER_WEBHOOK_SECRET": SECRET,
-            "CONFIG_PATH": str(workdir / "config.yaml"),
-            "STRIPE_API_BASE": fake_url,
-            "STATE_PATH": str(workdir / "state" / "bridge.sqlite3"),
-            "PORT": str(port),
-            "TMPDIR": str(workdir),
-        }
-        log_path = workdir / "service.log"
-        service = start_service(env, log_path)
-        base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: healthy(base) or service.poll() is not None, timeout=30)
-        if service.poll() is not None:
-            raise SystemExit(log_path.read_text())
-        yield Stack(fake_url, base, service, log_path)
-    finally:
-        if service is not None and service.poll() is None:
-            service.send_signal(signal.SIGTERM)
-            service.wait(timeout=30)
-        fake.send_signal(signal.SIGTERM)
-        fake.wait(timeout=30)
+def running(workdir: Path) -> AbstractContextManager[Running]:
+    """The fake Stripe and the service as production starts it, with a ledger of its own."""
+    env = {"STRIPE_API_KEY": API_KEY, "STATE_PATH": str(workdir / "state" / "bridge.sqlite3")}
+    return fake_and_service(workdir, fixtures(), config_yaml(), env)
 
 
-def streams_of(stack: Stack) -> list[Stream]:
+def streams_of(stack: Running) -> list[Stream]:
     """Every subject with both kinds, and the Stripe objects their windows land on."""
     subscriptions = stack.control("state")["subscriptions"]
     streams = []

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -176,3 +180,67 @@ def fake_control(fake_url: str, path: str, body: Any = None) -> Any:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
+
+
+@dataclass
+class Running:
+    """The fake Stripe in its own process and the service as the container starts it."""
+
+    fake_url: str
+    base: str
+    service: subprocess.Popen[bytes]
+    log_path: Path
+    startup_seconds: float
+
+    def control(self, path: str, body: Any = None) -> Any:
+        """Calls the fake Stripe's control API (never faulted)."""
+        return fake_control(self.fake_url, path, body)
+
+
+@contextmanager
+def fake_and_service(
+    workdir: Path,
+    fixtures: dict[str, Any],
+    config: str,
+    env: dict[str, str],
+    latency: float = 0.0,
+) -> Iterator[Running]:
+    """Starts the fake Stripe with fixtures and the service with config and env (added to the
+    essentials); stops both afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "fixtures.json").write_text(json.dumps(fixtures))
+    (workdir / "config.yaml").write_text(config)
+    key = env["STRIPE_API_KEY"]
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_stripe", "--port", "0", "--api-key", key,
+         "--fixtures", str(workdir / "fixtures.json"), "--latency", str(latency)],
+        cwd=PROJECT, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    service: subprocess.Popen[bytes] | None = None
+    try:
+        assert fake.stdout
+        fake_url = fake.stdout.readline().decode().strip()
+        port = free_port()
+        env = {
+            "OPENMETER_WEBHOOK_SECRET": SECRET,
+            "CONFIG_PATH": str(workdir / "config.yaml"),
+            "STRIPE_API_BASE": fake_url,
+            "PORT": str(port),
+            "TMPDIR": str(workdir),
+            **env,
+        }
+        log_path = workdir / "service.log"
+        started = time.monotonic()
+        service = start_service(env, log_path)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: healthy(base) or service.poll() is not None, timeout=30)
+        startup = time.monotonic() - started
+        if service.poll() is not None:
+            raise SystemExit(log_path.read_text())
+        yield Running(fake_url, base, service, log_path, startup)
+    finally:
+        if service is not None and service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            service.wait(timeout=30)
+        fake.send_signal(signal.SIGTERM)
+        fake.wait(timeout=30)
