@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit sandbox hashes demo check-config bench chaos clean
+.PHONY: run test lint unit sandbox hashes demo check-config replay send bench chaos clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it. Every
 # file pip may take is pinned by its sha256 (`make hashes` writes them); pip refuses anything else.
@@ -48,6 +48,14 @@ hashes:
 ## check-config: validate $(CONFIG_PATH) (default config.yaml) offline; ARGS=--online asks Stripe too
 check-config: $(BIN)/.runtime
 	$(BIN)/flask --app app check-config $(ARGS)
+
+## replay: push a saved report through the webhook's path (FILE=report.json; ARGS=--dry-run)
+replay: $(BIN)/.runtime
+	$(BIN)/flask --app app replay $(FILE) $(ARGS)
+
+## send: sign FILE with $$OPENMETER_WEBHOOK_SECRET and post it to a running service (URL=...)
+send: $(BIN)/.runtime
+	$(BIN)/python tools/send.py $(FILE) --url $(or $(URL),http://127.0.0.1:8080/webhook) $(ARGS)
 
 ## demo: the service against a local fake Stripe, one signed example report, and what landed
 demo: $(BIN)/.dev
