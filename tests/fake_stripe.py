@@ -225,6 +225,7 @@ class RecordedRequest:
     idempotent_replay: bool = False
     performed: bool = False  # the endpoint ran and succeeded: for a POST, a write
     fault: str | None = None
+    body: dict[str, Any] | None = None  # the answer, kept only while FakeStripe.keep_bodies is set
 
 
 @dataclass
@@ -347,6 +348,7 @@ class FakeStripe:
         self.now = now
         self.latency = 0.0  # seconds per answer; a write holds its object's lock meanwhile
         self.default_version = DEFAULT_API_VERSION  # the account's, for requests without a header
+        self.keep_bodies = False  # record each answer's body too (the conformance test reads them)
         self.url = ""
         self._lock = threading.RLock()
         self._server: _Server | None = None
@@ -723,6 +725,7 @@ class FakeStripe:
             idempotent_replay=outcome.replay,
             performed=outcome.performed,
             fault=outcome.fault,
+            body=copy.deepcopy(outcome.body) if self.keep_bodies else None,
         )
         with self._lock:
             self.requests.append(recorded)
@@ -1095,7 +1098,6 @@ class FakeStripe:
                 "object": "list",
                 "data": items[:EMBEDDED_ITEMS],
                 "has_more": len(items) > EMBEDDED_ITEMS,
-                "total_count": len(items),
                 "url": f"/v1/subscription_items?subscription={subscription.id}",
             },
         }
