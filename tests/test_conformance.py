@@ -22,6 +22,7 @@ from app import USAGE_RECORDS_API_VERSION
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
 from tests.harness import report
+from tools.refresh_stripe_openapi import refresh
 
 SPEC: dict[str, Any] = json.loads((Path(__file__).parent / "stripe_openapi.json").read_text())
 DEFAULT = "2026-10-28.endive"  # stripe-python 16.1's version: the spec section that answers it
@@ -361,3 +362,39 @@ def test_the_period_is_where_each_version_has_it() -> None:
         assert problems(rendered, schema["response"], version) == []
         other = DEFAULT if version != DEFAULT else USAGE_RECORDS_API_VERSION
         assert problems(rendered, schema["response"], other), f"{version} conforms to {other} too"
+
+
+def test_the_refresh_tool_rebuilds_a_section_from_a_full_spec() -> None:
+    section = SPEC["versions"][DEFAULT]
+    # A stand-in for a downloaded spec3.json: the vendored schemas, with descriptions put back.
+    schemas = {
+        name: {**schema, "description": "from the spec"}
+        for name, schema in section["components"]["schemas"].items()
+        if name != "error"
+    }
+    paths: dict[str, Any] = {}
+    for name, entry in section["operations"].items():
+        if name == "error" or "absent" in entry:
+            continue
+        method, path = name.split(" ", 1)
+        answer = {"200": {"content": {"application/json": {"schema": entry["response"]}}}}
+        found: dict[str, Any] = {"responses": answer}
+        if "request" in entry:
+            form = {"application/x-www-form-urlencoded": {"schema": entry["request"]}}
+            found["requestBody"] = {"content": form}
+        paths.setdefault(path, {})[method.lower()] = found
+    spec = {
+        "info": {"version": "2026-09-30.endive"},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+    vendored = json.loads(json.dumps(SPEC))
+    assert refresh(spec, vendored, DEFAULT, "abc123") == ["schema error"]
+    fresh = vendored["versions"][DEFAULT]
+    assert fresh["components"]["schemas"]["price"] == section["components"]["schemas"]["price"]
+    assert fresh["operations"] == section["operations"] | {
+        "POST /v1/subscription_items/{subscription_item}/usage_records": {
+            "absent": "not in the spec at abc123"
+        }
+    }
+    assert fresh["_source"]["commit"] == "abc123"
