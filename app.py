@@ -56,6 +56,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
+# Unpinned calls go at stripe-python 16.1's 2026-10-28.endive. "endive spec" below: stripe/openapi
+# latest/openapi.spec3.json at 18fa2cc7 (2026-09-30.endive), trimmed into tests/stripe_openapi.json.
 USAGE_RECORDS_API_VERSION = "2025-02-24.acacia"
 MAX_BODY_BYTES = 1024 * 1024
 STRIPE_READ_TIMEOUT = 8.0
@@ -1025,15 +1027,15 @@ class Cache(Generic[V]):
 def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
     """A subscription, its customer and items (one call unless it has over 10 items)."""
     try:
-        # Read at the client's version (2026-10-28.endive), whose spec `subscription` has status,
-        # customer and items, and `subscription_item` has current_period_start/end (required).
+        # At endive: the endive spec's `subscription` requires status, customer and items, and its
+        # `subscription_item` requires price and current_period_start/end.
         found = call_stripe(
             "retrieve_subscription", partial(client.v1.subscriptions.retrieve, subscription)
         ).to_dict()
         items, has_more = found["items"]["data"], found["items"]["has_more"]
         while has_more:
             after = items[-1]["id"]
-            # endive's GET /v1/subscription_items: a list of the same `subscription_item` schema.
+            # At endive: the endive spec's GET /v1/subscription_items lists `subscription_item`s.
             page = call_stripe(
                 "list_subscription_items",
                 partial(
@@ -1052,9 +1054,8 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
         items={
             item["price"]["id"]: Item(
                 id=item["id"],
-                # endive's `recurring` has usage_type and meter, but no aggregate_usage: basil
-                # removed it "from all API endpoints" (changelog), so resolve_target reads the
-                # price at USAGE_RECORDS_API_VERSION for it.
+                # The endive spec's `recurring` has usage_type and meter but no aggregate_usage
+                # (basil removed it "from all API endpoints"): resolve_target reads it at acacia.
                 usage_type=(item["price"].get("recurring") or {}).get("usage_type"),
                 aggregate_usage=None,
                 meter=(item["price"].get("recurring") or {}).get("meter"),
@@ -1070,8 +1071,8 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
 def fetch_price(client: stripe.StripeClient, price: str) -> Price:
     """A price read at USAGE_RECORDS_API_VERSION, the last version that shows aggregate_usage."""
     try:
-        # Pinned: from 2025-03-31.basil on `recurring` has no aggregate_usage (changelog "Removes
-        # legacy usage-based billing"); 2025-02-24.acacia's has it, and meter (stripe-python 11.6).
+        # Pinned: basil removed aggregate_usage (changelog "Removes legacy usage-based billing");
+        # acacia's `recurring` has it and meter (stripe-python 11.6, generated from that spec).
         found = call_stripe(
             "retrieve_price",
             partial(
@@ -1083,7 +1084,7 @@ def fetch_price(client: stripe.StripeClient, price: str) -> Price:
     except stripe.StripeError as error:
         raise classify(error, price=price) from error
     recurring = found.get("recurring") or {}
-    # `transform_quantity` (divide_by, round up|down) is nullable in every version's `price`.
+    # `price.transform_quantity` {divide_by, round up|down} is nullable (2023 and endive specs).
     transform = found.get("transform_quantity") or {}
     return Price(
         id=price,
@@ -1098,9 +1099,8 @@ def fetch_price(client: stripe.StripeClient, price: str) -> Price:
 def fetch_meter(client: stripe.StripeClient, meter: str) -> Meter:
     """A billing meter's event name, payload keys and aggregation."""
     try:
-        # At endive, `billing.meter` has event_name, status, customer_mapping.event_payload_key,
-        # value_settings.event_payload_key, default_aggregation.formula (all required) and
-        # event_time_window (nullable, day|hour).
+        # At endive: the endive spec's `billing.meter` requires event_name, status and the payload
+        # keys and formula read here; event_time_window is nullable day|hour.
         found = call_stripe(
             "retrieve_meter", partial(client.v1.billing.meters.retrieve, meter)
         ).to_dict()
@@ -1629,7 +1629,9 @@ class Bridge:
     meters: Cache[Meter]
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
-    prices: Cache[Price] = field(default_factory=Cache)  # legacy prices, read at acacia
+    # Legacy prices read at acacia: the endive spec's POST /v1/prices/{price} cannot change
+    # recurring or transform_quantity, so a cached one never goes stale.
+    prices: Cache[Price] = field(default_factory=Cache)
 
 
 def make_bridge(
