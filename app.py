@@ -29,7 +29,7 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import (
     ROUND_CEILING,
@@ -56,6 +56,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
+# Unpinned calls go at stripe-python 16.1's 2026-10-28.endive. "endive spec" below: stripe/openapi
+# latest/openapi.spec3.json at 18fa2cc7 (2026-09-30.endive), trimmed into tests/stripe_openapi.json.
 USAGE_RECORDS_API_VERSION = "2025-02-24.acacia"
 MAX_BODY_BYTES = 1024 * 1024
 STRIPE_READ_TIMEOUT = 8.0
@@ -896,7 +898,7 @@ class Item:
 
     id: str
     usage_type: str | None
-    aggregate_usage: str | None
+    aggregate_usage: str | None  # a legacy price's, read at USAGE_RECORDS_API_VERSION (fetch_price)
     meter: str | None
     period_start: int = 0  # the current billing period's start; usage records cannot go before it
     period_end: float = math.inf
@@ -910,6 +912,18 @@ class Subscription:
     customer: str
     items: Mapping[str, Item]
     status: str = "active"
+
+
+@dataclass(frozen=True)
+class Price:
+    """A price as USAGE_RECORDS_API_VERSION shows it: the only versions with aggregate_usage."""
+
+    id: str
+    usage_type: str | None
+    aggregate_usage: str | None
+    meter: str | None
+    divide_by: int | None = None  # transform_quantity: Stripe divides the period's total usage
+    round: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1013,12 +1027,15 @@ class Cache(Generic[V]):
 def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
     """A subscription, its customer and items (one call unless it has over 10 items)."""
     try:
+        # At endive: the endive spec's `subscription` requires status, customer and items, and its
+        # `subscription_item` requires price and current_period_start/end.
         found = call_stripe(
             "retrieve_subscription", partial(client.v1.subscriptions.retrieve, subscription)
         ).to_dict()
         items, has_more = found["items"]["data"], found["items"]["has_more"]
         while has_more:
             after = items[-1]["id"]
+            # At endive: the endive spec's GET /v1/subscription_items lists `subscription_item`s.
             page = call_stripe(
                 "list_subscription_items",
                 partial(
@@ -1037,25 +1054,53 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
         items={
             item["price"]["id"]: Item(
                 id=item["id"],
+                # The endive spec's `recurring` has usage_type and meter but no aggregate_usage
+                # (basil removed it "from all API endpoints"): resolve_target reads it at acacia.
                 usage_type=(item["price"].get("recurring") or {}).get("usage_type"),
-                aggregate_usage=(item["price"].get("recurring") or {}).get("aggregate_usage"),
+                aggregate_usage=None,
                 meter=(item["price"].get("recurring") or {}).get("meter"),
-                # Since basil the period lives on the item; before, on the subscription.
-                period_start=item.get("current_period_start")
-                or found.get("current_period_start")
-                or 0,
-                period_end=item.get("current_period_end")
-                or found.get("current_period_end")
-                or math.inf,
+                # Since basil the period lives on the item (required there), not the subscription.
+                period_start=item.get("current_period_start") or 0,
+                period_end=item.get("current_period_end") or math.inf,
             )
             for item in items
         },
     )
 
 
+def fetch_price(client: stripe.StripeClient, price: str) -> Price:
+    """A price read at USAGE_RECORDS_API_VERSION, the last version that shows aggregate_usage."""
+    try:
+        # Pinned: basil removed aggregate_usage (changelog "Removes legacy usage-based billing");
+        # acacia's `recurring` has it and meter (stripe-python 11.6, generated from that spec).
+        found = call_stripe(
+            "retrieve_price",
+            partial(
+                client.v1.prices.retrieve,
+                price,
+                options={"stripe_version": USAGE_RECORDS_API_VERSION},
+            ),
+        ).to_dict()
+    except stripe.StripeError as error:
+        raise classify(error, price=price) from error
+    recurring = found.get("recurring") or {}
+    # `price.transform_quantity` {divide_by, round up|down} is nullable (2023 and endive specs).
+    transform = found.get("transform_quantity") or {}
+    return Price(
+        id=price,
+        usage_type=recurring.get("usage_type"),
+        aggregate_usage=recurring.get("aggregate_usage"),
+        meter=recurring.get("meter"),
+        divide_by=transform.get("divide_by"),
+        round=transform.get("round"),
+    )
+
+
 def fetch_meter(client: stripe.StripeClient, meter: str) -> Meter:
     """A billing meter's event name, payload keys and aggregation."""
     try:
+        # At endive: the endive spec's `billing.meter` requires event_name, status and the payload
+        # keys and formula read here; event_time_window is nullable day|hour.
         found = call_stripe(
             "retrieve_meter", partial(client.v1.billing.meters.retrieve, meter)
         ).to_dict()
@@ -1099,6 +1144,9 @@ def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
             price=mapping.price,
         )
     meter = None
+    if not item.meter:
+        price = bridge.prices.get(mapping.price, partial(fetch_price, bridge.stripe))
+        item = replace(item, aggregate_usage=price.aggregate_usage)
     if item.meter:
         meter = bridge.meters.get(item.meter, partial(fetch_meter, bridge.stripe))
         if not meter.active:
@@ -1581,6 +1629,9 @@ class Bridge:
     meters: Cache[Meter]
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+    # Legacy prices read at acacia: the endive spec's POST /v1/prices/{price} cannot change
+    # recurring or transform_quantity, so a cached one never goes stale.
+    prices: Cache[Price] = field(default_factory=Cache)
 
 
 def make_bridge(
@@ -1869,19 +1920,17 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
         try:
-            price = client.v1.prices.retrieve(mapping.price).to_dict()
-        except stripe.StripeError as error:
-            rows.append((entry, "problem", f"{mapping.price}: {error.user_message or error}"))
+            price = fetch_price(client, mapping.price)
+        except BridgeError as error:
+            rows.append((entry, "problem", f"{mapping.price}: {error.message}"))
             continue
-        recurring = price.get("recurring") or {}
-        if recurring.get("usage_type") != "metered":
+        if price.usage_type != "metered":
             rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
-        elif not recurring.get("meter"):
-            kind = f"usage records (aggregate_usage {recurring.get('aggregate_usage')})"
-            rows.append((entry, "ok", f"{mapping.price}: {kind}"))
+        elif not price.meter:
+            rows.append(legacy_price_row(entry, price))
         else:
             try:
-                meter = fetch_meter(client, recurring["meter"])
+                meter = fetch_meter(client, price.meter)
             except BridgeError as error:
                 rows.append((entry, "problem", error.message))
                 continue
@@ -1924,6 +1973,22 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 )
             )
     return rows
+
+
+def legacy_price_row(entry: str, price: Price) -> tuple[str, str, str]:
+    """A legacy price's row: its aggregation and unit conversion, a problem if Stripe hides it."""
+    detail = f"{price.id}: usage records (aggregate_usage {price.aggregate_usage}"
+    if price.divide_by is not None:
+        detail += f", transform_quantity divide_by {price.divide_by} round {price.round}"
+    detail += ")"
+    if price.aggregate_usage is None:
+        return (
+            entry,
+            "problem",
+            f"{detail}: Stripe showed no aggregate_usage at {USAGE_RECORDS_API_VERSION}, so "
+            "the bridge cannot check the aggregation and would refuse every report",
+        )
+    return entry, "ok", detail
 
 
 @click.command("replay")

@@ -225,6 +225,7 @@ class RecordedRequest:
     idempotent_replay: bool = False
     performed: bool = False  # the endpoint ran and succeeded: for a POST, a write
     fault: str | None = None
+    body: dict[str, Any] | None = None  # the answer, kept only while FakeStripe.keep_bodies is set
 
 
 @dataclass
@@ -346,6 +347,8 @@ class FakeStripe:
         self.api_key = api_key
         self.now = now
         self.latency = 0.0  # seconds per answer; a write holds its object's lock meanwhile
+        self.default_version = DEFAULT_API_VERSION  # the account's, for requests without a header
+        self.keep_bodies = False  # record each answer's body too (the conformance test reads them)
         self.url = ""
         self._lock = threading.RLock()
         self._server: _Server | None = None
@@ -423,6 +426,7 @@ class FakeStripe:
         usage_type: str = "metered",
         aggregate_usage: str | None = "sum",
         meter: str | None = None,
+        transform_quantity: Mapping[str, Any] | None = None,
     ) -> str:
         """Adds a monthly price: legacy metered, licensed, or (with `meter`) billed by a meter."""
         if usage_type not in ("metered", "licensed"):
@@ -433,6 +437,13 @@ class FakeStripe:
             raise ValueError("a price with a meter is metered")
         if meter is not None or usage_type == "licensed":
             aggregate_usage = None  # only legacy metered prices aggregate usage records
+        if transform_quantity is not None and (
+            set(transform_quantity) != {"divide_by", "round"}
+            or transform_quantity["round"] not in ("up", "down")
+        ):
+            raise ValueError(
+                f"transform_quantity needs divide_by and round up|down: {transform_quantity}"
+            )
         price = id or _new_id("price")
         with self._lock:
             if meter is not None and meter not in self._meters:
@@ -441,9 +452,20 @@ class FakeStripe:
                 "id": price,
                 "object": "price",
                 "active": True,
-                "type": "recurring",
+                "billing_scheme": "per_unit",
+                "created": int(self.now()),
                 "currency": "usd",
                 "livemode": False,
+                "lookup_key": None,
+                "metadata": {},
+                "nickname": None,
+                "product": f"prod_{price}",
+                "tax_behavior": "unspecified",
+                "tiers_mode": None,
+                "transform_quantity": dict(transform_quantity) if transform_quantity else None,
+                "type": "recurring",
+                "unit_amount": 1,
+                "unit_amount_decimal": "1",
                 "recurring": {
                     "interval": "month",
                     "interval_count": 1,
@@ -487,6 +509,11 @@ class FakeStripe:
                 "default_aggregation": {"formula": formula},
                 "event_time_window": event_time_window,
                 "livemode": False,
+                "created": int(self.now()),
+                "updated": int(self.now()),
+                "status_transitions": {
+                    "deactivated_at": None if status == "active" else int(self.now())
+                },
             }
         return meter
 
@@ -688,7 +715,7 @@ class FakeStripe:
             self._pause()
             outcome = _Outcome.of(error)
         outcome.headers["Request-Id"] = _new_id("req")
-        outcome.headers["Stripe-Version"] = headers.get("stripe-version", DEFAULT_API_VERSION)
+        outcome.headers["Stripe-Version"] = headers.get("stripe-version", self.default_version)
         recorded = RecordedRequest(
             method=method,
             path=path,
@@ -698,6 +725,7 @@ class FakeStripe:
             idempotent_replay=outcome.replay,
             performed=outcome.performed,
             fault=outcome.fault,
+            body=copy.deepcopy(outcome.body) if self.keep_bodies else None,
         )
         with self._lock:
             self.requests.append(recorded)
@@ -708,7 +736,7 @@ class FakeStripe:
     ) -> _Outcome:
         """Authentication, then faults, then idempotency, then the endpoint."""
         self._authenticate(headers.get("authorization", ""))
-        version = headers.get("stripe-version", DEFAULT_API_VERSION)
+        version = headers.get("stripe-version", self.default_version)
         if not _VERSION.match(version):
             raise _bad_param(f"Invalid Stripe API version: {version}", "Stripe-Version")
         fault = self._take_fault(method, path)
@@ -875,13 +903,15 @@ class FakeStripe:
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    def _get(self, ids: Sequence[str], params: dict[str, Any], _: str) -> dict[str, Any]:
-        """GET /v1/customers/{id}, /v1/prices/{id} and /v1/billing/meters/{id}."""
+    def _get(self, ids: Sequence[str], params: dict[str, Any], version: str) -> dict[str, Any]:
+        """GET /v1/customers/{id}, /v1/prices/{id} and /v1/billing/meters/{id} at `version`."""
         _only(params, "expand")
         resource, object_id = ids
-        table = {"customers": self._customers, "prices": self._prices}.get(resource, self._meters)
-        noun = {"customers": "customer", "prices": "price"}.get(resource, "billing meter")
-        return _find(table, noun, object_id)
+        if resource == "prices":
+            return self._render_price(_find(self._prices, "price", object_id), version)
+        table = {"customers": self._customers}.get(resource, self._meters)
+        noun = {"customers": "customer"}.get(resource, "billing meter")
+        return copy.deepcopy(_find(table, noun, object_id))
 
     def _get_subscription(
         self, ids: Sequence[str], params: dict[str, Any], version: str
@@ -891,21 +921,21 @@ class FakeStripe:
         subscription = _find(self._subscriptions, "subscription", ids[0])
         return self._render_subscription(subscription, version)
 
-    def _list_items(self, _: Sequence[str], params: dict[str, Any], __: str) -> dict[str, Any]:
+    def _list_items(self, _: Sequence[str], params: dict[str, Any], version: str) -> dict[str, Any]:
         """GET /v1/subscription_items?subscription=sub_...: one page of its items."""
         _only(params, "subscription", "limit", "starting_after", "expand")
         subscription = _string(params, "subscription")
         found = _find(self._subscriptions, "subscription", subscription, param="subscription")
-        items = [self._render_item(self._items[item]) for item in found.items]
+        items = [self._render_item(self._items[item], version) for item in found.items]
         return cast(
             dict[str, Any],
             _list_page(f"/v1/subscription_items?subscription={subscription}", items, params),
         )
 
-    def _get_item(self, ids: Sequence[str], params: dict[str, Any], _: str) -> dict[str, Any]:
+    def _get_item(self, ids: Sequence[str], params: dict[str, Any], version: str) -> dict[str, Any]:
         """GET /v1/subscription_items/{id}."""
         _only(params, "expand")
-        return self._render_item(_find(self._items, "subscription item", ids[0]))
+        return self._render_item(_find(self._items, "subscription item", ids[0]), version)
 
     def _create_usage_record(
         self, ids: Sequence[str], params: dict[str, Any], version: str
@@ -1046,11 +1076,20 @@ class FakeStripe:
 
     def _render_subscription(self, subscription: _Subscription, version: str) -> dict[str, Any]:
         """A subscription as the given API version shows it."""
-        items = [self._render_item(self._items[item]) for item in subscription.items]
+        items = [self._render_item(self._items[item], version) for item in subscription.items]
         rendered: dict[str, Any] = {
             "id": subscription.id,
             "object": "subscription",
+            "automatic_tax": {"enabled": False, "liability": None, "disabled_reason": None},
+            "billing_cycle_anchor": subscription.period_start,
+            "cancel_at": None,
+            "cancel_at_period_end": False,
+            "canceled_at": None,
+            "collection_method": "charge_automatically",
+            "currency": "usd",
             "customer": subscription.customer,
+            "ended_at": None,
+            "start_date": subscription.created,
             "status": subscription.status,
             "created": subscription.created,
             "livemode": False,
@@ -1059,31 +1098,50 @@ class FakeStripe:
                 "object": "list",
                 "data": items[:EMBEDDED_ITEMS],
                 "has_more": len(items) > EMBEDDED_ITEMS,
-                "total_count": len(items),
                 "url": f"/v1/subscription_items?subscription={subscription.id}",
             },
         }
         if _date(version) < BASIL_DATE:
             rendered["current_period_start"] = subscription.period_start
             rendered["current_period_end"] = subscription.period_end
+        else:
+            # Newer than the acacia-era spec: endive requires them (which version added each is
+            # not confirmed; the fake shows them from basil on, as it shows the item periods).
+            rendered["billing_mode"] = {"type": "classic"}
+            rendered["billing_schedules"] = []
+            rendered["discounts"] = []
+            rendered["invoice_settings"] = {"account_tax_ids": None, "issuer": {"type": "self"}}
         return rendered
 
-    def _render_item(self, item: _Item) -> dict[str, Any]:
-        """A subscription item with its full price and its billing period."""
+    def _render_item(self, item: _Item, version: str) -> dict[str, Any]:
+        """A subscription item with its full price, and from basil on its billing period."""
         subscription = self._subscriptions[item.subscription]
-        price = copy.deepcopy(self._prices[item.price])
+        price = self._render_price(self._prices[item.price], version)
         rendered: dict[str, Any] = {
             "id": item.id,
             "object": "subscription_item",
             "price": price,
             "subscription": item.subscription,
             "created": item.created,
-            "current_period_start": subscription.period_start,
-            "current_period_end": subscription.period_end,
             "metadata": {},
         }
+        if _date(version) >= BASIL_DATE:
+            # basil moved the period from the subscription to each item (changelog; endive spec
+            # `subscription_item` requires both), and `discounts` is required there too.
+            rendered["current_period_start"] = subscription.period_start
+            rendered["current_period_end"] = subscription.period_end
+            rendered["discounts"] = []
         if price["recurring"]["usage_type"] == "licensed":
             rendered["quantity"] = 1  # metered items have no quantity
+        return rendered
+
+    def _render_price(self, price: Mapping[str, Any], version: str) -> dict[str, Any]:
+        """A price as `version` shows it: aggregate_usage only before basil."""
+        rendered = copy.deepcopy(dict(price))
+        if _date(version) >= BASIL_DATE:
+            # basil removed aggregate_usage "from all API endpoints" (changelog); endive's
+            # `recurring` is interval, interval_count, meter and usage_type.
+            del rendered["recurring"]["aggregate_usage"]
         return rendered
 
     def _active_meter(self, event_name: str) -> dict[str, Any] | None:

@@ -106,6 +106,13 @@ def control(fake: FakeStripe, path: str, body: object = None) -> Any:
         return json.load(response)
 
 
+def fake_get(fake: FakeStripe, path: str, headers: dict[str, str]) -> Any:
+    """A GET with exactly these headers (the stripe client always sends a Stripe-Version)."""
+    request = urllib.request.Request(f"{fake.url}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
 @pytest.fixture
 def meters(fake: FakeStripe) -> None:
     """A raw sum meter, an hourly pre-aggregated one and a count meter, for customer cus_1."""
@@ -144,8 +151,8 @@ def test_subscription_embeds_items_with_full_prices(
     items = found["items"]["data"]
     assert [i["price"]["id"] for i in items] == ["price_meter", "price_legacy"]
     assert items[0]["price"]["recurring"]["meter"] == "mtr_1"
-    assert items[0]["price"]["recurring"]["aggregate_usage"] is None
-    assert items[1]["price"]["recurring"]["aggregate_usage"] == "max"
+    # basil removed aggregate_usage "from all API endpoints": not even a legacy price shows it
+    assert "aggregate_usage" not in items[1]["price"]["recurring"]
     assert items[1]["current_period_start"] == NOW - 30 * 86_400
     assert "current_period_start" not in found  # basil moved it to the items
     assert fake.requests[-1].headers["stripe-version"] == stripe.api_version
@@ -157,7 +164,37 @@ def test_pre_basil_versions_see_the_period_on_the_subscription(
     options: Any = {"stripe_version": ACACIA}
     found = client.v1.subscriptions.retrieve("sub_1", options=options).to_dict()
     assert found["current_period_start"] == NOW - 30 * 86_400
+    assert "current_period_start" not in found["items"]["data"][0]  # not on items before basil
+    assert found["items"]["data"][0]["price"]["recurring"]["aggregate_usage"] == "sum"
     assert fake.requests[-1].headers["stripe-version"] == ACACIA
+    listed = client.v1.subscription_items.list(params={"subscription": "sub_1"}, options=options)
+    assert "current_period_start" not in listed.to_dict()["data"][0]
+
+
+@pytest.mark.parametrize(
+    ("version", "aggregate_usage"),
+    [(ACACIA, "max"), ("2025-03-31.basil", None), (None, None)],
+    ids=["acacia", "basil", "client_default"],
+)
+def test_price_get_shows_aggregate_usage_only_before_basil(
+    fake: FakeStripe, client: stripe.StripeClient, version: str | None, aggregate_usage: str | None
+) -> None:
+    fake.add_price("price_legacy", aggregate_usage="max")
+    options: Any = {"stripe_version": version} if version else {}
+    recurring = client.v1.prices.retrieve("price_legacy", options=options).to_dict()["recurring"]
+    assert recurring.get("aggregate_usage") == aggregate_usage
+    assert ("aggregate_usage" in recurring) == (aggregate_usage is not None)
+    assert recurring["usage_type"] == "metered" and recurring["meter"] is None
+
+
+def test_requests_without_a_version_get_the_accounts_default(fake: FakeStripe) -> None:
+    fake.add_price("price_legacy", aggregate_usage="sum")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    fake.default_version = ACACIA
+    recurring = fake_get(fake, "/v1/prices/price_legacy", headers)["recurring"]
+    assert recurring["aggregate_usage"] == "sum"
+    fake.default_version = "2026-10-28.endive"
+    assert "aggregate_usage" not in fake_get(fake, "/v1/prices/price_legacy", headers)["recurring"]
 
 
 def test_more_than_ten_items_are_paged(fake: FakeStripe, client: stripe.StripeClient) -> None:

@@ -19,7 +19,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import ConfigSource, create_app
+from app import USAGE_RECORDS_API_VERSION, ConfigSource, create_app
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, example, hours_ago, report, sign, wait_until
@@ -218,6 +218,48 @@ def test_check_config_online_passes_a_good_config(
     result = app.test_cli_runner().invoke(args=["check-config", str(path), "--online"])
     assert result.exit_code == 0, result.output
     assert "meter events to mtr_1Calls" in result.output
+
+
+def check_online(
+    path: Path, text: str, app: Flask, fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, dict[str, str]]:
+    """Runs `check-config --online` on `text`; returns the exit code and each entry's line."""
+    path.write_text(text)
+    monkeypatch.setenv("STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", fake.url)
+    result = app.test_cli_runner().invoke(args=["check-config", str(path), "--online"])
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:] if line.strip()}
+    return result.exit_code, lines | {"output": result.output}
+
+
+def test_check_config_online_shows_aggregate_usage_and_transform_quantity(
+    tmp_path: Path, stripe_fake: FakeStripe, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stripe_fake.add_price(
+        "price_1Kilo", aggregate_usage="max", transform_quantity={"divide_by": 1000, "round": "up"}
+    )
+    text = "meters:\n  api_requests: price_1Api\n  kilo: price_1Kilo\nsubjects: {}\n"
+    code, lines = check_online(tmp_path / "config.yaml", text, app, stripe_fake, monkeypatch)
+    assert code == 0, lines["output"]
+    assert "ok" in lines["meters.api_requests"]
+    assert "usage records (aggregate_usage sum)" in lines["meters.api_requests"]
+    assert "aggregate_usage max, transform_quantity divide_by 1000 round up" in lines["meters.kilo"]
+    price_reads = [r for r in stripe_fake.requests if r.path.startswith("/v1/prices/")]
+    assert {r.headers["stripe-version"] for r in price_reads} == {USAGE_RECORDS_API_VERSION}
+
+
+def test_check_config_online_fails_when_aggregate_usage_cannot_be_read(
+    tmp_path: Path, stripe_fake: FakeStripe, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stripe_fake.add_price("price_1Bare", aggregate_usage=None)  # Stripe shows none even at acacia
+    stripe_fake.inject("500", method="GET", path="/v1/prices/price_1Api", count=None)
+    text = "meters:\n  api_requests: price_1Api\n  bare: price_1Bare\nsubjects: {}\n"
+    code, lines = check_online(tmp_path / "config.yaml", text, app, stripe_fake, monkeypatch)
+    assert code == 1, lines["output"]
+    assert "problem" in lines["meters.api_requests"]
+    assert "price_1Api: Stripe is unavailable" in lines["meters.api_requests"]
+    assert "problem" in lines["meters.bare"]
+    assert "showed no aggregate_usage at 2025-02-24.acacia" in lines["meters.bare"]
 
 
 # --- replay ----------------------------------------------------------------------------------

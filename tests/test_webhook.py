@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import stripe
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -44,12 +45,41 @@ def test_three_windows_write_three_records(
     assert stripe_fake.usage_total(billing.api) == 321
 
 
-def test_stripe_version_is_pinned_on_usage_records_only(
+def test_stripe_version_is_pinned_on_usage_records_and_the_legacy_price_only(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
     deliver(client, report([1]))
-    reads = [r for r in stripe_fake.requests if r.method == "GET"]
-    assert reads and all(r.headers["stripe-version"] != USAGE_RECORDS_API_VERSION for r in reads)
+    versions = {r.path: r.headers["stripe-version"] for r in stripe_fake.requests}
+    assert versions == {
+        f"/v1/subscriptions/{billing.customer1}": stripe.api_version,
+        "/v1/prices/price_1Api": USAGE_RECORDS_API_VERSION,  # the last one with aggregate_usage
+        f"/v1/subscription_items/{billing.api}/usage_records": USAGE_RECORDS_API_VERSION,
+    }
+
+
+def test_legacy_sum_price_takes_a_sum_report_at_the_clients_default_version(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    # Issue 11: read at the client's version (basil on), a price has no aggregate_usage, and
+    # every report that names its aggregation was refused with 422.
+    event = report([7])
+    assert event["meter"]["aggregation"] == "SUM"
+    response = deliver(client, event)
+    assert response.status_code == 200, response.json
+    assert stripe_fake.usage_total(billing.api) == 7
+
+
+def test_a_warm_cache_costs_exactly_the_write_for_a_legacy_price(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    assert deliver(client, report([1], first=hours_ago(3)), "msg_cold").status_code == 200
+    cold = [(r.method, r.path) for r in stripe_fake.requests]
+    assert ("GET", "/v1/prices/price_1Api") in cold
+    stripe_fake.requests.clear()
+    assert deliver(client, report([2], first=hours_ago(4)), "msg_warm").status_code == 200
+    assert [(r.method, r.path) for r in stripe_fake.requests] == [
+        ("POST", f"/v1/subscription_items/{billing.api}/usage_records")
+    ]
 
 
 @pytest.mark.parametrize("prefix", ["svix", "webhook"])
