@@ -34,14 +34,14 @@ sandbox:
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
 	  || echo "bubblewrap is not installed: the read-only-root container test will skip"
 
-# tests/test_proxy.py runs nginx with docs/nginx.conf in front of gunicorn. Installed the same way
-# (root with apt-get); elsewhere that test skips.
+# tests/test_proxy.py runs nginx with docs/nginx.conf in front of gunicorn, over TLS with a certificate
+# openssl makes. Both are installed the same way (root with apt-get); elsewhere those tests skip.
 proxy:
-	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] \
+	@{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	          nginx >/dev/null; } \
-	  || echo "nginx is not installed: the reverse-proxy test will skip"
+	          nginx openssl >/dev/null; } \
+	  || echo "nginx or openssl is not installed: the reverse-proxy tests will skip"
 
 ## lint: ruff (lint + format), mypy, hadolint
 lint: $(BIN)/.dev
