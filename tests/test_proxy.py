@@ -227,7 +227,7 @@ def test_metrics_and_readiness_are_served_only_on_the_internal_route(proxied: Pr
     for path in ("/metrics", "/readyz", "/healthz"):
         status, kind, answer = proxied.request("GET", path)
         assert (status, kind) == (404, "application/json"), (path, answer)
-        assert b"bridge_webhooks_total" not in answer and b"config" not in answer
+        assert json.loads(answer)["error"] == "not_found"
         connection = http.client.HTTPConnection("127.0.0.1", proxied.internal, timeout=10)
         connection.request("GET", path)
         assert connection.getresponse().status == 200, path
