@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit sandbox hashes demo check-config replay send bench chaos clean
+.PHONY: run test lint unit sandbox proxy hashes demo check-config replay send bench chaos clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it. Every
 # file pip may take is pinned by its sha256 (`make hashes` writes them); pip refuses anything else.
@@ -23,7 +23,7 @@ run: $(BIN)/.runtime
 ## test: lint, then the whole test suite
 test: lint unit
 
-unit: $(BIN)/.dev sandbox
+unit: $(BIN)/.dev sandbox proxy
 	$(BIN)/python -m pytest
 
 # tests/test_container.py runs the container's CMD under bubblewrap with a read-only root. It is
@@ -33,6 +33,15 @@ sandbox:
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
 	  || echo "bubblewrap is not installed: the read-only-root container test will skip"
+
+# tests/test_proxy.py runs nginx with docs/nginx.conf in front of gunicorn, over TLS with a certificate
+# openssl makes. Both are installed the same way (root with apt-get); elsewhere those tests skip.
+proxy:
+	@{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	          nginx openssl >/dev/null; } \
+	  || echo "nginx or openssl is not installed: the reverse-proxy tests will skip"
 
 ## lint: ruff (lint + format), mypy, hadolint
 lint: $(BIN)/.dev

@@ -235,10 +235,8 @@ def settings_from_env(
     if not secrets and "OPENMETER_WEBHOOK_SECRET" in required:
         problems.append("OPENMETER_WEBHOOK_SECRET is not set: give the endpoint's whsec_ secret")
     for number, secret in enumerate(secrets, start=1):
-        if not _is_webhook_secret(secret):
-            problems.append(
-                f"OPENMETER_WEBHOOK_SECRET: secret #{number} is not a whsec_ secret in base64"
-            )
+        if problem := _webhook_secret_problem(secret):
+            problems.append(f"OPENMETER_WEBHOOK_SECRET: secret #{number} {problem}")
     api_base = environ.get("STRIPE_API_BASE", "").strip() or None
     if api_base and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", api_base):
         problems.append("STRIPE_API_BASE must be an http(s) URL such as https://api.stripe.com")
@@ -284,14 +282,25 @@ def config_path(environ: Mapping[str, str]) -> str:
     return environ.get("CONFIG_PATH", "").strip() or "config.yaml"
 
 
-def _is_webhook_secret(secret: str) -> bool:
-    """True for a whsec_ secret whose key decodes (Svix would refuse it later otherwise)."""
-    if not secret.startswith("whsec_"):
-        return False
+# Svix makes endpoint keys of 24 random bytes and takes none shorter (svix-webhooks,
+# server/svix-server/src/core/types/mod.rs: EndpointSecret::KEY_SIZE = 24): less is a cut-off copy.
+MIN_SECRET_BYTES = 24
+
+
+def _webhook_secret_problem(secret: str) -> str | None:
+    """What is wrong with a whsec_ secret (never quoting it), or None if its key is usable."""
     try:
-        return bool(binascii.a2b_base64(secret.removeprefix("whsec_") + "=="))
+        key = binascii.a2b_base64(secret.removeprefix("whsec_") + "==")
     except binascii.Error:
-        return False
+        key = b""
+    if not secret.startswith("whsec_") or not key:
+        return "is not a whsec_ secret in base64"
+    if len(key) < MIN_SECRET_BYTES:
+        return (
+            f"decodes to fewer than Svix's {MIN_SECRET_BYTES} bytes: "
+            "copy the endpoint's whole signing secret"
+        )
+    return None
 
 
 def load_config(path: str) -> Config:

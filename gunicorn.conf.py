@@ -1,5 +1,6 @@
 """Gunicorn settings: what the Dockerfile's CMD and `make run` start."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -19,18 +20,25 @@ def scratch_dir() -> str | None:
 # Each worker's heartbeat file, which gunicorn touches about once a second: better not on disk.
 worker_tmp_dir = scratch_dir()
 # Prometheus counters shared by the workers live in files here; a fresh folder per start keeps
-# them from adding up across restarts, and the master removes it when it exits.
+# them from adding up across restarts. It must exist before the app is imported (preload, below).
 _metrics_dir = tempfile.mkdtemp(prefix="bridge-metrics-", dir=worker_tmp_dir)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 
-def on_exit(server: object) -> None:
-    """gunicorn calls this in the master as it exits (never in a worker)."""
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
+def _remove_metrics_dir(master: int, folder: str) -> None:
+    """Removes the metrics folder as the master's interpreter exits: after a clean stop, and also
+    after a refused start (a bad config, a port in use), where gunicorn's on_exit never runs.
+    Workers are forked with this hook registered, and must leave the folder alone."""
+    if os.getpid() == master:
+        shutil.rmtree(folder, ignore_errors=True)
 
+
+atexit.register(_remove_metrics_dir, os.getpid(), _metrics_dir)
 
 wsgi_app = "app:serve()"
-bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
+# BIND: where to listen, e.g. 127.0.0.1:8080 behind a proxy on the same host (docs/proxy.md);
+# several addresses separated by spaces. By default every interface, on $PORT.
+bind = os.environ.get("BIND", "").split() or [f"0.0.0.0:{os.environ.get('PORT', '8080')}"]
 # A webhook mostly waits on Stripe: threads keep a slow Stripe call from holding a whole process.
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))

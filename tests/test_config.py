@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from decimal import Decimal
 from pathlib import Path
 
@@ -112,6 +113,24 @@ def test_bad_environment_names_the_variable(changes: dict[str, str], expected: s
     message = str(caught.value)
     assert expected in message
     assert "pk_test_abc" not in message and "%%%" not in message
+
+
+SHORT_KEY = "whsec_" + base64.b64encode(b"k" * 23).decode()  # one byte short of Svix's 24
+
+
+@pytest.mark.parametrize("short", ["whsec_bad", SHORT_KEY], ids=["2-bytes", "23-bytes"])
+def test_a_secret_shorter_than_svix_keys_is_refused_by_number(short: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(GOOD_ENV | {"OPENMETER_WEBHOOK_SECRET": f"{SECRET} {short}"})
+    message = str(caught.value)
+    assert "OPENMETER_WEBHOOK_SECRET: secret #2 decodes to fewer than Svix's 24 bytes" in message
+    assert "secret #1" not in message
+    assert short.removeprefix("whsec_") not in message
+
+
+def test_svix_test_secret_is_exactly_24_bytes() -> None:
+    assert len(base64.b64decode(SECRET.removeprefix("whsec_"))) == 24
+    assert settings_from_env(GOOD_ENV).webhook_secrets == (SECRET,)
 
 
 def test_rotation_takes_several_secrets() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import API_KEY, Billing, Service
 from tests.fake_stripe import FakeStripe
@@ -66,8 +69,48 @@ def test_the_master_removes_the_metrics_folder_on_exit(
 
 def test_refuses_to_start_without_its_environment(tmp_path: Path) -> None:
     log_path = tmp_path / "gunicorn.log"
-    process = start_service({"PORT": str(free_port())}, log_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    process = start_service({"PORT": str(free_port()), "TMPDIR": str(scratch)}, log_path)
     assert process.wait(timeout=30) != 0
     output = log_path.read_text()
     assert "STRIPE_API_KEY is not set" in output
     assert "OPENMETER_WEBHOOK_SECRET is not set" in output
+    assert list(scratch.iterdir()) == [], "a refused start left its metrics folder behind"
+
+
+def test_refuses_to_start_with_a_short_secret_and_leaves_nothing(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    secrets = f"{SECRET} whsec_bad"  # the second decodes to 2 bytes; Svix's keys are 24
+    env = environment | {
+        "PORT": str(free_port()),
+        "TMPDIR": str(scratch),
+        "OPENMETER_WEBHOOK_SECRET": secrets,
+    }
+    log_path = tmp_path / "gunicorn.log"
+    process = start_service(env, log_path)
+    assert process.wait(timeout=30) != 0
+    output = log_path.read_text()
+    assert "OPENMETER_WEBHOOK_SECRET: secret #2 decodes to fewer than Svix's 24 bytes" in output
+    assert "Booting worker" not in output and "whsec_bad" not in output
+    assert list(scratch.iterdir()) == []
+
+
+def test_bind_listens_only_where_told(
+    environment: dict[str, str], billing: Billing, tmp_path: Path
+) -> None:
+    port = free_port()
+    # 127.0.0.2 is loopback too: an address beside it on the same port must get no answer.
+    env = environment | {"PORT": str(port), "BIND": f"127.0.0.2:{port}", "TMPDIR": str(tmp_path)}
+    process = start_service(env, tmp_path / "gunicorn.log")
+    try:
+        wait_until(lambda: healthy(f"http://127.0.0.2:{port}") or process.poll() is not None, 20)
+        assert healthy(f"http://127.0.0.2:{port}"), (tmp_path / "gunicorn.log").read_text()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
