@@ -13,6 +13,7 @@ import binascii
 import contextvars
 import hashlib
 import http.client
+import ipaddress
 import itertools
 import json
 import logging
@@ -27,7 +28,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -41,7 +42,7 @@ from decimal import (
     InvalidOperation,
 )
 from functools import partial
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import click
 import stripe
@@ -54,6 +55,9 @@ from stripe import _util as stripe_util
 from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
 # Unpinned calls go at stripe-python 16.1's 2026-10-28.endive. "endive spec" below: stripe/openapi
@@ -216,6 +220,7 @@ class Settings:
     stripe_api_base: str | None = None
     port: int = 8080
     trusted_proxies: int = 0
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     state_path: str | None = "state/bridge.sqlite3"
     time_budget: float = 12.0
 
@@ -251,6 +256,12 @@ def settings_from_env(
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
+    # gunicorn's own variable and default: one list says which peers may set forwarding headers.
+    allow = tuple(a.strip() for a in environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(","))
+    if not all(address == "*" or _is_network(address) for address in allow):
+        problems.append(
+            "FORWARDED_ALLOW_IPS must be IP addresses or networks, comma-separated, or *"
+        )
     egress = environ.get("HTTPS_PROXY") or environ.get("https_proxy") or ""
     if egress and not _is_http_proxy(egress):
         problems.append("HTTPS_PROXY must be http://[user:password@]host[:port] (a CONNECT proxy)")
@@ -263,6 +274,7 @@ def settings_from_env(
         stripe_api_base=api_base,
         port=int(port),
         trusted_proxies=int(proxies),
+        forwarded_allow_ips=allow,
         state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
         time_budget=float(budget),
     )
@@ -274,6 +286,15 @@ def _is_http_proxy(url: str) -> bool:
         parts = urllib.parse.urlsplit(url.strip())
         return parts.scheme == "http" and bool(parts.hostname) and parts.port != 0
     except ValueError:  # a port that is not a number, or out of range
+        return False
+
+
+def _is_network(address: str) -> bool:
+    """Whether address is an IP address or a CIDR network."""
+    try:
+        ipaddress.ip_network(address, strict=False)
+        return True
+    except ValueError:
         return False
 
 
@@ -1793,6 +1814,36 @@ class NotReady(BridgeError):
     status, code = 503, "not_ready"
 
 
+class TrustedProxyFix:
+    """werkzeug's ProxyFix for requests from a trusted proxy; others keep their own address.
+
+    ProxyFix believes X-Forwarded-For from any peer, so a client that reaches the port directly
+    could forge the address the logs show; gunicorn trusts forwarding headers only from
+    FORWARDED_ALLOW_IPS, and so does this.
+    """
+
+    def __init__(self, wsgi_app: WSGIApplication, settings: Settings) -> None:
+        hops = settings.trusted_proxies
+        self._direct, self._proxied = wsgi_app, ProxyFix(wsgi_app, x_for=hops, x_proto=hops)
+        self._allow_all = "*" in settings.forwarded_allow_ips
+        self._allowed = [
+            ipaddress.ip_network(a, strict=False) for a in settings.forwarded_allow_ips if a != "*"
+        ]
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Serves the request, with the forwarded client only if the peer may forward."""
+        trusted = self._allow_all or self._trusted(environ.get("REMOTE_ADDR", ""))
+        return (self._proxied if trusted else self._direct)(environ, start_response)
+
+    def _trusted(self, peer: str) -> bool:
+        """Whether peer is one of the allowed proxies."""
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:  # a Unix socket has no address: only a local proxy can reach it
+            return True
+        return any(address in network for network in self._allowed)
+
+
 def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     """Builds the service from the environment; test_config overrides environment variables.
 
@@ -1811,8 +1862,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
         problems = error.problems
     app.extensions["bridge"], app.extensions["problems"] = bridge, problems
     if bridge and bridge.settings.trusted_proxies:
-        hops = bridge.settings.trusted_proxies
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+        app.wsgi_app = TrustedProxyFix(app.wsgi_app, bridge.settings)  # type: ignore[method-assign]
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -102,6 +102,7 @@ GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
         ({"TIME_BUDGET_SECONDS": "13"}, "TIME_BUDGET_SECONDS must be between 1 and 12"),
         ({"PORT": "80\u00b2"}, "PORT"),
         ({"TRUSTED_PROXIES": "\u0661"}, "TRUSTED_PROXIES"),
+        ({"FORWARDED_ALLOW_IPS": "127.0.0.1,proxy.corp"}, "FORWARDED_ALLOW_IPS"),
         ({"HTTPS_PROXY": "proxy.corp:3128"}, "HTTPS_PROXY must be http://"),
         ({"HTTPS_PROXY": "http://u:pk_test_abc@proxy:http"}, "HTTPS_PROXY must be http://"),
         ({"https_proxy": "https://u:pk_test_abc@proxy:3128"}, "HTTPS_PROXY must be http://"),

@@ -386,6 +386,33 @@ def test_trusted_proxy_gives_the_real_client(
     assert lines[-1].fields["client"] == "203.0.113.9"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    ("peer", "allow", "logged"),
+    [
+        ("198.51.100.7", None, "198.51.100.7"),  # a direct client: its forged header is ignored
+        ("198.51.100.7", "198.51.100.0/24", "203.0.113.9"),  # the proxy's network is allowed
+        ("198.51.100.7", "*", "203.0.113.9"),
+        ("127.0.0.1", None, "203.0.113.9"),  # gunicorn's default: a proxy on this host
+    ],
+)
+def test_forwarded_for_is_believed_only_from_forwarded_allow_ips(
+    environment: dict[str, str],
+    billing: Billing,
+    caplog: pytest.LogCaptureFixture,
+    peer: str,
+    allow: str | None,
+    logged: str,
+) -> None:
+    settings = {"TRUSTED_PROXIES": "1"} | ({"FORWARDED_ALLOW_IPS": allow} if allow else {})
+    client = create_app(environment | settings).test_client()
+    body = json.dumps(report([1]))
+    headers = sign(body) | {"X-Forwarded-For": "203.0.113.9"}
+    with caplog.at_level(logging.INFO, logger="bridge"):
+        client.post("/webhook", data=body, headers=headers, environ_base={"REMOTE_ADDR": peer})
+    lines = [r for r in caplog.records if r.getMessage() == "webhook"]
+    assert lines[-1].fields["client"] == logged  # type: ignore[attr-defined]
+
+
 def test_untrusted_forwarded_for_is_ignored(
     client: FlaskClient, caplog: pytest.LogCaptureFixture
 ) -> None:
