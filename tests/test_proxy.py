@@ -211,6 +211,23 @@ def test_a_direct_client_cannot_reach_the_bridge_to_forge_its_address(
     assert stripe_fake.usage_total(billing.api) == 0
 
 
+def test_a_direct_client_forging_x_forwarded_for_is_logged_as_itself(
+    proxied: Proxied, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    # A client that does reach the bridge's port, but not from FORWARDED_ALLOW_IPS (nginx's
+    # 127.0.0.1 by default), keeps its own address whatever X-Forwarded-For it writes.
+    body = json.dumps(report([5]))
+    headers = sign(body, "msg_direct") | {"X-Forwarded-For": "203.0.113.66"}
+    connection = http.client.HTTPConnection(
+        BRIDGE_HOST, proxied.bridge_port, timeout=10, source_address=(CLIENT, 0)
+    )
+    connection.request("POST", "/webhook", body=body, headers=headers)
+    assert connection.getresponse().status == 200
+    connection.close()
+    [line] = proxied.webhook_lines()
+    assert line["client"] == CLIENT
+
+
 def test_an_oversized_body_gets_the_bridges_json_413_through_nginx(
     proxied: Proxied, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
