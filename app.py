@@ -324,10 +324,14 @@ class ConfigSource:
     """config.yaml as it is now: re-read when its bytes change, the last good version kept.
 
     Comparing content (not mtime or inode) catches every way of replacing the file: an edit, an
-    atomic rename, a Kubernetes ConfigMap's symlink swap.
+    atomic rename, a Kubernetes ConfigMap's symlink swap. A new version is taken only once it is
+    stable, so that a file being written in place is never taken half-written.
     """
 
     CHECK_EVERY_SECONDS = 1.0
+    # The same bytes, read again at least this long after they were first read, are a stable
+    # version: a write in place is seldom torn for that long, and renames are never torn.
+    STABLE_SECONDS = 1.0
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
@@ -337,6 +341,7 @@ class ConfigSource:
         self.loaded_at = datetime.now(UTC)
         self.error: str | None = None
         self._rejected: str | None = None  # the checksum of the last invalid version, logged once
+        self._candidate: tuple[str, float] | None = None  # a new version, and when first read
         self._checked_at = clock()
         self._lock = threading.Lock()
 
@@ -360,12 +365,13 @@ class ConfigSource:
             return
         checksum = _sha256(raw)
         if checksum == self.checksum:
-            self.error = self._rejected = None  # an edit was undone
+            self.error = self._rejected = self._candidate = None  # an edit was undone
             return
-        if checksum == self._rejected:
+        if checksum == self._rejected or not self._stable(checksum):
             return
         try:
             config = parse_config_file(raw)
+            _keeps_something(self.config, config)
         except ConfigError as error:
             self._reject(checksum, error)
             return
@@ -373,6 +379,13 @@ class ConfigSource:
         self.error = self._rejected = None
         CONFIG_RELOADS.labels("loaded").inc()
         log_event("config reloaded", path=self.path, checksum=checksum)
+
+    def _stable(self, checksum: str) -> bool:
+        """Whether this version was read STABLE_SECONDS ago already, unchanged since."""
+        now = self._clock()
+        if self._candidate is None or self._candidate[0] != checksum:
+            self._candidate = (checksum, now)
+        return now - self._candidate[1] >= self.STABLE_SECONDS
 
     def _reject(self, version: str, error: ConfigError) -> None:
         """Keeps the last good config, and says so once per bad version of the file."""
@@ -391,6 +404,25 @@ class ConfigSource:
             "loaded_at": self.loaded_at.isoformat(),
             "last_reload_error": self.error,
         }
+
+
+def _keeps_something(loaded: Config, new: Config) -> None:
+    """Refuses a reload that empties a section: far likelier a truncated file than an intent."""
+    emptied = [
+        f"every {noun}"
+        for noun, before, after in [
+            ("subject", loaded.subjects, new.subjects),
+            ("meter", loaded.meters, new.meters),
+        ]
+        if before and not after
+    ]
+    if emptied:
+        raise ConfigError(
+            [
+                f"the new version would drop {' and '.join(emptied)}: refused as a file cut off "
+                "or emptied mid-write would be; to remove them all, restart with the new file"
+            ]
+        )
 
 
 def _sha256(raw: bytes) -> str:
@@ -1950,6 +1982,8 @@ def check_config_command(path: str | None, online: bool) -> None:
             click.echo(f"  {problem}")
         raise SystemExit(1) from None
     click.echo(f"{path}: valid ({len(config.meters)} meters, {len(config.subjects)} subjects)")
+    for warning in coarsening_warnings(config):
+        click.echo(f"  {warning}")
     if online:
         try:
             client = make_stripe_client(settings_from_env(os.environ, ["STRIPE_API_KEY"]))
@@ -1961,6 +1995,24 @@ def check_config_command(path: str | None, online: bool) -> None:
             click.echo(f"  {entry:<{width}}  {verdict:<8}  {detail}")
         if any(verdict != "ok" for _, verdict, _ in rows):
             raise SystemExit(1)
+
+
+def coarsening_warnings(config: Config) -> list[str]:
+    """Mappings that round each window on its own, so that the error grows with the windows."""
+    warnings = []
+    for slug, mapping in config.meters.items():
+        reasons = [f"multiplier {mapping.multiplier} is below 1"] if mapping.multiplier < 1 else []
+        if mapping.rounding:
+            reasons.append(f"rounding {mapping.rounding} rounds fractional values")
+        if reasons:
+            warnings.append(
+                f"meters.{slug}: warning: {' and '.join(reasons)}, so each window is rounded to a "
+                "whole unit on its own (on a legacy usage-record price; with rounding, on a meter "
+                "price too) and the error grows with the number of windows. Send whole small "
+                "units (a multiplier of 1 or more, no rounding) and set the price's "
+                "transform_quantity (divide_by, round): Stripe converts the period's total once."
+            )
+    return warnings
 
 
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
