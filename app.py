@@ -1277,24 +1277,34 @@ def incomplete(window: Window, report: Report, made_at: datetime) -> str | None:
     return None
 
 
-# Below these magnitudes, after the multiplier, a window's value is zero whatever its sign: float
-# noise such as 0.1 + 0.2 - 0.3 = 5.551115123125783e-17. A usage record's quantity is whole, so
-# under half a unit cannot be carried (not even by rounding up); a meter event takes 15
-# significant digits, and a billionth of a unit is far below any price's smallest charge, yet far
-# above the noise of float64 sums (about 1e-16 of their size) of values up to a million.
+# Below these magnitudes, after the multiplier, a window's value is zero: float noise such as
+# 0.1 + 0.2 - 0.3 = 5.551115123125783e-17. A usage record's quantity is whole, so under half a
+# unit cannot be carried (not even by rounding up); a meter event takes 15 significant digits,
+# and a billionth of a unit is far below any price's smallest charge, yet far above the noise of
+# float64 sums (about 1e-16 of their size) of values up to a million.
 ZERO_BELOW = {"usage_records": Decimal("0.5"), "meter_events": Decimal("1e-9")}
+# Below zero, noise stops and negative usage begins at half a unit, for both kinds: that needs
+# only the config's multiplier, so a negative report is refused before Stripe is asked.
+NEGATIVE_FROM = Decimal("-0.5")
+
+
+def check_negative(report: Report, config: Config) -> None:
+    """Refuses (400) a report with a row or window below -half a unit after the multiplier."""
+    mapping = config.meters.get(report.meter)
+    multiplier = mapping.multiplier if mapping else Decimal(1)
+    for window in report.windows:
+        if DECIMAL.multiply(min(window.lowest, window.value), multiplier) <= NEGATIVE_FROM:
+            raise BadRequest(
+                f"window {window.start.isoformat()}: usage cannot be negative "
+                f"({min(window.lowest, window.value)})",
+                "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
+            )
 
 
 def denoised(window: Window, target: Target) -> Decimal:
-    """The window's value, zero if it is noise; a 400 if it, or one of its rows, is negative."""
-    threshold = ZERO_BELOW[target.kind]
+    """The window's value, or zero if it is noise (check_negative refused what is not)."""
     scaled = DECIMAL.multiply(window.value, target.mapping.multiplier)
-    if min(scaled, DECIMAL.multiply(window.lowest, target.mapping.multiplier)) <= -threshold:
-        raise BadRequest(
-            f"window {window.start.isoformat()}: usage cannot be negative ({window.lowest})",
-            "Send the report as OpenMeter made it; negative usage cannot be billed.",
-        )
-    return Decimal(0) if abs(scaled) < threshold else window.value
+    return Decimal(0) if scaled < ZERO_BELOW[target.kind] else window.value
 
 
 def window_timestamp(window: Window) -> int:
@@ -1768,6 +1778,7 @@ def process_event(
     answer: dict[str, Any] = {"outcome": "written", "message_id": message_id,
                               "subject": report.subject, "meter": report.meter,
                               "windows": len(report.windows)}  # fmt: skip
+    check_negative(report, bridge.config.current())
     if dry_run:
         found = resolve_target(report, bridge.config.current(), bridge)
         writes, waiting, left_out = plan_writes(report, found, message_id, now)

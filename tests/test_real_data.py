@@ -103,7 +103,7 @@ def test_without_query_to_the_first_attempt_dates_the_report(
     retry = deliver(client, event, "msg_open")  # a fresh svix-timestamp, after the window's end
     assert retry.status_code == 200, retry.json
     assert retry.json is not None and retry.json["incomplete"][0]["window_start"] == now.isoformat()
-    assert [e["payload"]["value"] for e in stripe_fake.meter_events("tokens_raw")] == ["4"]  # type: ignore[index]
+    assert [e["payload"]["value"] for e in stripe_fake.meter_events("tokens_raw")] == ["4"]
 
 
 def test_complete_windows_of_a_ranged_report_are_written_and_the_query_range_is_checked(
@@ -139,7 +139,7 @@ def test_float_noise_is_zero_and_the_reports_other_windows_are_written(
     assert stripe_fake.usage_total(billing.storage) == 0  # noise never rounds up to a unit
     hourly = report([NOISE, -float(NOISE), "0.25"], meter="api_calls", first=first)
     assert deliver(client, hourly, "msg_noise_meter").status_code == 200
-    assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == [  # type: ignore[index]
+    assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == [
         "0",
         "0",
         "0.25",
@@ -163,16 +163,29 @@ def test_values_below_decimals_reach_are_zero(
     [
         ("api_requests", "-0.5"),
         ("api_requests", -3),
-        ("api_calls", "-0.000001"),
+        ("api_calls", "-0.5"),
+        ("storage_gb", "-500"),  # x 0.001
         ("api_requests", "1e31"),
     ],
 )
-def test_clearly_negative_or_huge_usage_is_still_400_before_any_write(
+def test_clearly_negative_or_huge_usage_is_still_400_before_stripe_is_asked(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing, meter: str, value: Any
 ) -> None:
     response = deliver(client, report([1, value], meter=meter), "msg_negative")
     assert response.status_code == 400, response.json
-    assert stripe_fake.writes() == []
+    assert stripe_fake.requests == []
+
+
+def test_less_than_half_a_unit_below_zero_is_zero_for_both_kinds(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    first = hours_ago(5)
+    assert deliver(client, report(["-0.49", 2], first=first), "msg_l").status_code == 200
+    assert list(stripe_fake.usage_records(billing.api).values()) == [0, 2]
+    hourly = report(["-0.49", 3], meter="api_calls", first=first)
+    assert deliver(client, hourly, "msg_m").status_code == 200
+    sent = [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")]
+    assert sent == ["0", "3"]
 
 
 def test_a_negative_row_is_refused_even_when_its_window_sums_positive(
@@ -181,7 +194,7 @@ def test_a_negative_row_is_refused_even_when_its_window_sums_positive(
     event = report([5])
     event["usage"].append(dict(event["usage"][0], value=-3, groupBy={"model": "b"}))
     assert deliver(client, event, "msg_neg_row").status_code == 400
-    assert stripe_fake.writes() == []
+    assert stripe_fake.requests == []
 
 
 # --- 3. rounding must not grow with the number of windows -------------------------------------
