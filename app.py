@@ -2010,6 +2010,8 @@ def check_config_command(path: str | None, online: bool) -> None:
 
 def coarsening_warnings(config: Config) -> list[str]:
     """Mappings that round each window on its own, so that the error grows with the windows."""
+    # transform_quantity divides the reported usage, then rounds up or down, before the price
+    # applies: docs.stripe.com/billing/subscriptions/usage-based/transform-quantities
     warnings = []
     for slug, mapping in config.meters.items():
         reasons = [f"multiplier {mapping.multiplier} is below 1"] if mapping.multiplier < 1 else []
