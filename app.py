@@ -329,8 +329,9 @@ class ConfigSource:
     """
 
     CHECK_EVERY_SECONDS = 1.0
-    # The same bytes, read again at least this long after they were first read, are a stable
-    # version: a write in place is seldom torn for that long, and renames are never torn.
+    # The same bytes, read again at least this long after they were first read (or read from a
+    # file not modified for that long), are a stable version: a write in place is seldom torn for
+    # that long, and renames are never torn.
     STABLE_SECONDS = 1.0
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -381,11 +382,17 @@ class ConfigSource:
         log_event("config reloaded", path=self.path, checksum=checksum)
 
     def _stable(self, checksum: str) -> bool:
-        """Whether this version was read STABLE_SECONDS ago already, unchanged since."""
+        """Whether the version just read was read STABLE_SECONDS ago already, or had not been
+        modified for that long (a second more, for filesystems that keep whole seconds)."""
         now = self._clock()
         if self._candidate is None or self._candidate[0] != checksum:
             self._candidate = (checksum, now)
-        return now - self._candidate[1] >= self.STABLE_SECONDS
+        if now - self._candidate[1] >= self.STABLE_SECONDS:
+            return True
+        try:  # stat after the read: a write since then makes the file look new, never old
+            return time.time() - os.stat(self.path).st_mtime >= self.STABLE_SECONDS + 1
+        except OSError:
+            return False
 
     def _reject(self, version: str, error: ConfigError) -> None:
         """Keeps the last good config, and says so once per bad version of the file."""
