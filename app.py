@@ -734,8 +734,8 @@ def parse_time(raw: Any, path: str) -> datetime:
         raise BadRequest(f"{path}: {error}") from error
 
 
-# Values are kept to 30 decimal places, far finer than any zero threshold (zero_threshold): with
-# at most 31 digits before the point, sums stay exact in DECIMAL's 80 digits.
+# Values are kept to 30 decimal places, far finer than any zero threshold (ZERO_BELOW): with at
+# most 31 digits before the point, sums stay exact in DECIMAL's 80 digits.
 VALUE_QUANTUM = Decimal("1e-30")
 
 
@@ -1276,9 +1276,8 @@ def incomplete(window: Window, report: Report, made_at: datetime) -> str | None:
     """
     if report.query_from and window.start < report.query_from:
         return f"starts before the report's query.from ({report.query_from.isoformat()})"
-    if report.query_to and window.end > min(report.query_to, made_at + CLOCK_SKEW):
-        ends_by = min(report.query_to, made_at + CLOCK_SKEW)
-        return f"ends after the report's range (query.to, or its making, {ends_by.isoformat()})"
+    if report.query_to and window.end > (ends_by := min(report.query_to, made_at + CLOCK_SKEW)):
+        return f"ends after the report's range, which ends {ends_by.isoformat()} (query.to)"
     if not report.query_to and window.end > made_at:
         return f"had not ended when the report was made ({made_at.isoformat()})"
     return None
