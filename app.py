@@ -1277,7 +1277,7 @@ def incomplete(window: Window, report: Report, made_at: datetime) -> str | None:
     if report.query_from and window.start < report.query_from:
         return f"starts before the report's query.from ({report.query_from.isoformat()})"
     if report.query_to and window.end > (ends_by := min(report.query_to, made_at + CLOCK_SKEW)):
-        return f"ends after the report's range, which ends {ends_by.isoformat()} (query.to)"
+        return f"ends after {ends_by.isoformat()}: query.to, or a minute after the report was made"
     if not report.query_to and window.end > made_at:
         return f"had not ended when the report was made ({made_at.isoformat()})"
     return None
