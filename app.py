@@ -356,10 +356,15 @@ class ConfigSource:
     """config.yaml as it is now: re-read when its bytes change, the last good version kept.
 
     Comparing content (not mtime or inode) catches every way of replacing the file: an edit, an
-    atomic rename, a Kubernetes ConfigMap's symlink swap.
+    atomic rename, a Kubernetes ConfigMap's symlink swap. A new version is taken only once it is
+    stable, so that a file being written in place is never taken half-written.
     """
 
     CHECK_EVERY_SECONDS = 1.0
+    # The same bytes, read again at least this long after they were first read (or read from a
+    # file not modified for that long), are a stable version: a write in place is seldom torn for
+    # that long, and renames are never torn.
+    STABLE_SECONDS = 1.0
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
@@ -369,6 +374,7 @@ class ConfigSource:
         self.loaded_at = datetime.now(UTC)
         self.error: str | None = None
         self._rejected: str | None = None  # the checksum of the last invalid version, logged once
+        self._candidate: tuple[str, float] | None = None  # a new version, and when first read
         self._checked_at = clock()
         self._lock = threading.Lock()
 
@@ -392,12 +398,13 @@ class ConfigSource:
             return
         checksum = _sha256(raw)
         if checksum == self.checksum:
-            self.error = self._rejected = None  # an edit was undone
+            self.error = self._rejected = self._candidate = None  # an edit was undone
             return
-        if checksum == self._rejected:
+        if checksum == self._rejected or not self._stable(checksum):
             return
         try:
             config = parse_config_file(raw)
+            _keeps_something(self.config, config)
         except ConfigError as error:
             self._reject(checksum, error)
             return
@@ -405,6 +412,19 @@ class ConfigSource:
         self.error = self._rejected = None
         CONFIG_RELOADS.labels("loaded").inc()
         log_event("config reloaded", path=self.path, checksum=checksum)
+
+    def _stable(self, checksum: str) -> bool:
+        """Whether the version just read was read STABLE_SECONDS ago already, or had not been
+        modified for that long (a second more, for filesystems that keep whole seconds)."""
+        now = self._clock()
+        if self._candidate is None or self._candidate[0] != checksum:
+            self._candidate = (checksum, now)
+        if now - self._candidate[1] >= self.STABLE_SECONDS:
+            return True
+        try:  # stat after the read: a write since then makes the file look new, never old
+            return time.time() - os.stat(self.path).st_mtime >= self.STABLE_SECONDS + 1
+        except OSError:
+            return False
 
     def _reject(self, version: str, error: ConfigError) -> None:
         """Keeps the last good config, and says so once per bad version of the file."""
@@ -423,6 +443,25 @@ class ConfigSource:
             "loaded_at": self.loaded_at.isoformat(),
             "last_reload_error": self.error,
         }
+
+
+def _keeps_something(loaded: Config, new: Config) -> None:
+    """Refuses a reload that empties a section: far likelier a truncated file than an intent."""
+    emptied = [
+        f"every {noun}"
+        for noun, before, after in [
+            ("subject", loaded.subjects, new.subjects),
+            ("meter", loaded.meters, new.meters),
+        ]
+        if before and not after
+    ]
+    if emptied:
+        raise ConfigError(
+            [
+                f"the new version would drop {' and '.join(emptied)}: refused as a file cut off "
+                "or emptied mid-write would be; to remove them all, restart with the new file"
+            ]
+        )
 
 
 def _sha256(raw: bytes) -> str:
@@ -585,6 +624,7 @@ class Window:
     start: datetime
     end: datetime
     value: Decimal
+    lowest: Decimal = Decimal(0)  # its most negative row (float noise, or really negative)
 
 
 @dataclass(frozen=True)
@@ -595,6 +635,8 @@ class Report:
     subject: str
     aggregation: str | None
     windows: tuple[Window, ...]
+    query_from: datetime | None = None  # the range OpenMeter queried, when the report says
+    query_to: datetime | None = None
 
 
 def decode_json(body: bytes) -> Any:
@@ -602,7 +644,7 @@ def decode_json(body: bytes) -> Any:
     try:
         return json.loads(
             body,
-            parse_float=Decimal,
+            parse_float=_decimal,
             parse_constant=_reject_constant,
             object_pairs_hook=_reject_duplicates,
         )
@@ -611,6 +653,19 @@ def decode_json(body: bytes) -> Any:
             f"body is not valid JSON: {str(error)[:200]}",
             "Send the OpenMeter report body unchanged.",
         ) from error
+
+
+def _decimal(text: str) -> Decimal:
+    """A number's text as Decimal; one too small for Decimal's exponent is zero (as for billing).
+
+    Too large for it is an ArithmeticError, which the caller answers 400.
+    """
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        if re.search(r"[eE]-[0-9]", text):  # 1e-99999999999999999999999999: finite, and tiny
+            return Decimal(0)
+        raise
 
 
 def _reject_constant(name: str) -> Any:
@@ -647,6 +702,7 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         raise BadRequest("usage must be a list of rows")
     subjects: set[str] = set()
     sums: dict[tuple[datetime, datetime], Decimal] = {}
+    lowest: dict[tuple[datetime, datetime], Decimal] = {}
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise BadRequest(f"usage[{index}] must be an object")
@@ -664,20 +720,32 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
             raise BadRequest(f"usage[{index}]: window starts in the future ({row['windowStart']})")
         value = parse_value(row.get("value"), f"usage[{index}].value")
         sums[start, end] = DECIMAL.add(sums.get((start, end), Decimal(0)), value)
+        lowest[start, end] = min(lowest.get((start, end), Decimal(0)), value)
     if not subjects and isinstance(query_subject, str) and query_subject:
         subjects.add(query_subject)
     if len(subjects) != 1:
         raise BadRequest("a report must be about exactly one subject", subjects=sorted(subjects))
-    windows = tuple(Window(start, end, value) for (start, end), value in sorted(sums.items()))
+    windows = tuple(
+        Window(start, end, value, lowest[start, end])
+        for (start, end), value in sorted(sums.items())
+    )
     for earlier, later in itertools.pairwise(windows):
         if later.start < earlier.end:
             raise BadRequest(f"windows overlap: {earlier.start} and {later.start}")
+    query = _object(event, "query")
     return Report(
         meter=meter,
         subject=subjects.pop(),
         aggregation=aggregation if isinstance(aggregation, str) else None,
         windows=windows,
+        query_from=_optional_time(query.get("from"), "query.from"),
+        query_to=_optional_time(query.get("to"), "query.to"),
     )
+
+
+def _optional_time(raw: Any, path: str) -> datetime | None:
+    """A timestamp the report may leave out (absent or null)."""
+    return None if raw is None else parse_time(raw, path)
 
 
 def _object(event: dict[str, Any], name: str) -> dict[str, Any]:
@@ -698,21 +766,30 @@ def parse_time(raw: Any, path: str) -> datetime:
         raise BadRequest(f"{path}: {error}") from error
 
 
+# Values are kept to 30 decimal places, far finer than any zero threshold (ZERO_BELOW): with at
+# most 31 digits before the point, sums stay exact in DECIMAL's 80 digits.
+VALUE_QUANTUM = Decimal("1e-30")
+
+
 def parse_value(raw: Any, path: str) -> Decimal:
-    """A non-negative usage value, from a JSON number or a numeric string, exactly."""
+    """A usage value, from any finite JSON number or numeric string, to 30 decimal places.
+
+    It may still be slightly negative (float noise): the target decides what is zero.
+    """
     if isinstance(raw, bool) or not isinstance(raw, int | Decimal | str):
         raise BadRequest(f"{path}: must be a number or a numeric string")
     if isinstance(raw, str) and not NUMERIC_STRING.fullmatch(raw.strip()):
         raise BadRequest(f"{path}: {raw[:40]!r} is not a number")
     try:
-        value = Decimal(raw.strip() if isinstance(raw, str) else raw)
+        value = _decimal(raw.strip()) if isinstance(raw, str) else Decimal(raw)
     except ArithmeticError as error:  # an exponent beyond what Decimal holds
         raise BadRequest(f"{path}: value out of range") from error
-    if value < 0:
-        raise BadRequest(f"{path}: usage cannot be negative ({value})")
-    # Bounds keep the arithmetic exact: far beyond any real meter, far below Decimal's limits.
-    if value.adjusted() > 30 or value.as_tuple().exponent < -30:  # type: ignore[operator]
+    if value.is_zero() or value.adjusted() < -30:
+        return Decimal(0)  # 0e99999 is zero, and so is what lies below every zero threshold
+    if value.adjusted() > 30:  # far beyond any real meter
         raise BadRequest(f"{path}: value out of range")
+    if value.as_tuple().exponent < -30:  # type: ignore[operator]
+        return value.quantize(VALUE_QUANTUM, context=DECIMAL)
     return value
 
 
@@ -1258,13 +1335,60 @@ def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
 def not_yet(window: Window, target: Target, now: datetime) -> str | None:
     """Why a window must wait before it is written, if it must."""
     end = window.end.timestamp()
-    if target.meter and target.raw_meter and end > now.timestamp():
-        # A raw meter keeps a window's first event for good, so a partial value would stick.
-        return f"still open, and raw meter {target.meter.id} would keep a partial value for good"
     if not target.meter and window.start.timestamp() < target.item.period_end < end:
         # Written now it would land in this period, and again, in full, in the next one.
         return "spans the subscription's renewal; it is billed in the new period once that begins"
     return None
+
+
+# How much earlier than a report's query.to its first attempt may seem to come: the clocks of
+# OpenMeter, Svix and this host differ by that much at most.
+CLOCK_SKEW = timedelta(minutes=1)
+
+
+def incomplete(window: Window, report: Report, made_at: datetime) -> str | None:
+    """Why the report cannot hold the window's full value, judged from the report alone.
+
+    A report's body never changes across Svix's retries: a window it holds partially stays
+    partial in every retry, whatever the clock says when the retry comes.
+    """
+    if report.query_from and window.start < report.query_from:
+        return f"starts before the report's query.from ({report.query_from.isoformat()})"
+    if report.query_to and window.end > (ends_by := min(report.query_to, made_at + CLOCK_SKEW)):
+        return f"ends after {ends_by.isoformat()}: query.to, or a minute after the report was made"
+    if not report.query_to and window.end > made_at:
+        return f"had not ended when the report was made ({made_at.isoformat()})"
+    return None
+
+
+# Below these magnitudes, after the multiplier, a window's value is zero: float noise such as
+# 0.1 + 0.2 - 0.3 = 5.551115123125783e-17. A usage record's quantity is whole, so under half a
+# unit cannot be carried (not even by rounding up); a meter event takes 15 significant digits,
+# and a billionth of a unit is far below any price's smallest charge, yet far above the noise of
+# float64 sums (about 1e-16 of their size) of values up to a million.
+ZERO_BELOW = {"usage_records": Decimal("0.5"), "meter_events": Decimal("1e-9")}
+# Below zero, noise stops and negative usage begins at half a unit, for both kinds: that needs
+# only the config's multiplier, so a negative report is refused before Stripe is asked.
+NEGATIVE_FROM = Decimal("-0.5")
+
+
+def check_negative(report: Report, config: Config) -> None:
+    """Refuses (400) a report with a row or window below -half a unit after the multiplier."""
+    mapping = config.meters.get(report.meter)
+    multiplier = mapping.multiplier if mapping else Decimal(1)
+    for window in report.windows:
+        if DECIMAL.multiply(min(window.lowest, window.value), multiplier) <= NEGATIVE_FROM:
+            raise BadRequest(
+                f"window {window.start.isoformat()}: usage cannot be negative "
+                f"({min(window.lowest, window.value)})",
+                "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
+            )
+
+
+def denoised(window: Window, target: Target) -> Decimal:
+    """The window's value, or zero if it is noise (check_negative refused what is not)."""
+    scaled = DECIMAL.multiply(window.value, target.mapping.multiplier)
+    return Decimal(0) if scaled < ZERO_BELOW[target.kind] else window.value
 
 
 def window_timestamp(window: Window) -> int:
@@ -1313,30 +1437,37 @@ def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> s
 
 
 def plan_writes(
-    report: Report, target: Target, message_id: str, now: datetime
-) -> tuple[list[Write], list[dict[str, str]]]:
+    report: Report, target: Target, message_id: str, now: datetime, made_at: datetime | None = None
+) -> tuple[list[Write], list[dict[str, str]], list[dict[str, str]]]:
     """Checks a report against its target's rules and computes every write, before any is sent;
-    also returns the windows that must wait (written by a later attempt)."""
+    also returns the windows that must wait (written by a later attempt) and those left out for
+    good (a raw meter's windows that this report holds only in part)."""
     check_aggregation(report, target)
-    writes, waiting = [], []
+    writes, waiting, left_out = [], [], []
     for window in report.windows:
         timestamp = window_timestamp(window)
         if timestamp >= window.end.timestamp():
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
         if target.meter:
             check_meter_window(window, target.meter, now)
+        usage = denoised(window, target)
+        # A raw meter keeps a window's first event for good: a partial value would stick, and no
+        # retry of this body can bring the rest. A later report carries the window in full.
+        if target.raw_meter and (reason := incomplete(window, report, made_at or now)):
+            left_out.append({"window_start": window.start.isoformat(), "reason": reason})
+            continue
         if reason := not_yet(window, target, now):
             waiting.append({"window_start": window.start.isoformat(), "reason": reason})
             continue
         if target.meter:
-            value = to_meter_value(window.value, target.mapping)
+            value = to_meter_value(usage, target.mapping)
             key = meter_event_identifier(message_id, target, timestamp)
         else:
             timestamp = in_billing_period(window, timestamp, target.item)
-            value = str(to_quantity(window.value, target.mapping))
+            value = str(to_quantity(usage, target.mapping))
             key = idempotency_key(message_id, target.item.id, timestamp, value)
         writes.append(Write(window, timestamp, value, key))
-    return writes, waiting
+    return writes, waiting, left_out
 
 
 # --- the ledger: what Stripe already accepted ----------------------------------------------------
@@ -1703,7 +1834,9 @@ def process_webhook(
 ) -> dict[str, Any]:
     """Verify, then the rest of the path; returns the 200 answer."""
     message_id = verify(body, headers, bridge.verifiers)
-    return process_event(bridge, body, message_id, facts)
+    sent = headers.get("svix-timestamp") or headers.get("webhook-timestamp") or ""
+    sent_at = float(sent) if re.fullmatch(r"[0-9]{1,15}", sent) else None
+    return process_event(bridge, body, message_id, facts, sent_at=sent_at)
 
 
 def process_event(
@@ -1713,8 +1846,12 @@ def process_event(
     facts: dict[str, Any],
     *,
     dry_run: bool = False,
+    sent_at: float | None = None,
 ) -> dict[str, Any]:
-    """Parse, map, plan, write: what happens to a verified event (and to a replayed one)."""
+    """Parse, map, plan, write: what happens to a verified event (and to a replayed one).
+
+    sent_at is when Svix sent this attempt (its signed timestamp), if it came through Svix.
+    """
     facts["message_id"] = message_id
     digest = hashlib.sha256(body).hexdigest()
     event = decode_json(body)
@@ -1728,15 +1865,20 @@ def process_event(
     answer: dict[str, Any] = {"outcome": "written", "message_id": message_id,
                               "subject": report.subject, "meter": report.meter,
                               "windows": len(report.windows)}  # fmt: skip
+    check_negative(report, bridge.config.current())
     if dry_run:
         found = resolve_target(report, bridge.config.current(), bridge)
-        writes, waiting = plan_writes(report, found, message_id, now)
+        writes, waiting, left_out = plan_writes(report, found, message_id, now)
         return answer | {"outcome": "dry_run", "kind": found.kind, "waiting": waiting,
+                         "incomplete": left_out,
                          "writes": [write_facts(found, w) for w in writes]}  # fmt: skip
     first_seen, done = bridge.ledger.begin(message_id, digest)
     if done:
         return answer | {"outcome": "already_written"}
     message = Message(message_id, digest, first_seen)
+    # When OpenMeter made the report, as far as the bridge can know: no later than the first
+    # attempt the ledger saw, nor than the Svix attempt in hand (the first one, unless retried).
+    made_at = datetime.fromtimestamp(min(first_seen, sent_at or first_seen), UTC)
     accepted: list[Write] = []
     target: Target | None = None
     finished = flushed = False
@@ -1756,7 +1898,15 @@ def process_event(
     try:
         target = resolve_target(report, bridge.config.current(), bridge)
         facts["kind"] = answer["kind"] = target.kind
-        writes, waiting = plan_writes(report, target, message_id, now)
+        writes, waiting, left_out = plan_writes(report, target, message_id, now, made_at)
+        if left_out:
+            answer["incomplete"] = left_out
+            log_event(
+                "incomplete windows left out",
+                logging.WARNING,
+                incomplete=left_out,
+                hint="a later report that holds them in full writes them",
+            )
         # Deciding what to send, sending and recording it under one lock keeps a newer report
         # for the same windows, waiting in this worker, from being undone by this one.
         with one_writer(target.stripe_object):
@@ -1959,6 +2109,8 @@ def check_config_command(path: str | None, online: bool) -> None:
             click.echo(f"  {problem}")
         raise SystemExit(1) from None
     click.echo(f"{path}: valid ({len(config.meters)} meters, {len(config.subjects)} subjects)")
+    for warning in coarsening_warnings(config):
+        click.echo(f"  {warning}")
     if online:
         try:
             client = make_stripe_client(settings_from_env(os.environ, ["STRIPE_API_KEY"]))
@@ -1970,6 +2122,26 @@ def check_config_command(path: str | None, online: bool) -> None:
             click.echo(f"  {entry:<{width}}  {verdict:<8}  {detail}")
         if any(verdict != "ok" for _, verdict, _ in rows):
             raise SystemExit(1)
+
+
+def coarsening_warnings(config: Config) -> list[str]:
+    """Mappings that round each window on its own, so that the error grows with the windows."""
+    # transform_quantity divides the reported usage, then rounds up or down, before the price
+    # applies: docs.stripe.com/billing/subscriptions/usage-based/transform-quantities
+    warnings = []
+    for slug, mapping in config.meters.items():
+        reasons = [f"multiplier {mapping.multiplier} is below 1"] if mapping.multiplier < 1 else []
+        if mapping.rounding:
+            reasons.append(f"rounding {mapping.rounding} rounds fractional values")
+        if reasons:
+            warnings.append(
+                f"meters.{slug}: warning: {' and '.join(reasons)}, so each window is rounded to a "
+                "whole unit on its own (on a legacy usage-record price; with rounding, on a meter "
+                "price too) and the error grows with the number of windows. Send whole small "
+                "units (a multiplier of 1 or more, no rounding) and set the price's "
+                "transform_quantity (divide_by, round): Stripe converts the period's total once."
+            )
+    return warnings
 
 
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:

@@ -29,8 +29,9 @@ NEW_SUBJECT = CONFIG_YAML.replace("subjects:\n", "subjects:\n  newcomer: sub_1Ne
 
 @pytest.fixture
 def fast_reload(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checks the config file on every request instead of once a second."""
+    """Checks the config file on every request, and takes a new version at its first read."""
     monkeypatch.setattr(ConfigSource, "CHECK_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(ConfigSource, "STABLE_SECONDS", 0.0)
 
 
 def replace_atomically(path: Path, text: str) -> None:
