@@ -2120,7 +2120,7 @@ def check_config_command(path: str | None, online: bool) -> None:
         width = max(len(row[0]) for row in rows) if rows else 0
         for entry, verdict, detail in rows:
             click.echo(f"  {entry:<{width}}  {verdict:<8}  {detail}")
-        if any(verdict != "ok" for _, verdict, _ in rows):
+        if any(verdict == "problem" for _, verdict, _ in rows):
             raise SystemExit(1)
 
 
@@ -2158,7 +2158,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         if price.usage_type != "metered":
             rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
         elif not price.meter:
-            rows.append(legacy_price_row(entry, price))
+            rows.append(legacy_price_row(entry, price, mapping))
         else:
             try:
                 meter = fetch_meter(client, price.meter)
@@ -2206,7 +2206,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     return rows
 
 
-def legacy_price_row(entry: str, price: Price) -> tuple[str, str, str]:
+def legacy_price_row(entry: str, price: Price, mapping: MeterMapping) -> tuple[str, str, str]:
     """A legacy price's row: its aggregation and unit conversion, a problem if Stripe hides it."""
     detail = f"{price.id}: usage records (aggregate_usage {price.aggregate_usage}"
     if price.divide_by is not None:
@@ -2219,7 +2219,40 @@ def legacy_price_row(entry: str, price: Price) -> tuple[str, str, str]:
             f"{detail}: Stripe showed no aggregate_usage at {USAGE_RECORDS_API_VERSION}, so "
             "the bridge cannot check the aggregation and would refuse every report",
         )
+    if advice := conversion_advice(price, mapping):
+        return entry, "warning", f"{detail}: {advice}"
     return entry, "ok", detail
+
+
+def conversion_advice(price: Price, mapping: MeterMapping) -> str | None:
+    """How to stop a legacy mapping from rounding each window, given what the price does."""
+    if mapping.multiplier >= 1 and not mapping.rounding:
+        return None
+    # transform_quantity divides the period's total, then rounds it once (up or down):
+    # docs.stripe.com/billing/subscriptions/usage-based/transform-quantities
+    divide_by = ((1 / mapping.multiplier) if mapping.multiplier < 1 else Decimal(1)).normalize()
+    steps = [f"the bridge rounds every window to a whole unit (multiplier {mapping.multiplier}"]
+    steps[0] += f", rounding {mapping.rounding or 'nearest'}), so the error grows with the windows"
+    if price.divide_by is None and divide_by == divide_by.to_integral_value() and divide_by > 1:
+        round_ = "down" if mapping.rounding == "down" else "up"
+        steps.append(
+            f"give {price.id} transform_quantity divide_by {divide_by:f} round {round_} "
+            "(a new price: Stripe cannot change it on this one), map it with multiplier 1 and no "
+            "rounding, and Stripe converts the period's total once"
+        )
+    elif price.divide_by is not None:
+        multiplier = (price.divide_by * mapping.multiplier).normalize()
+        steps.append(
+            f"{price.id} already divides by {price.divide_by}: map it with multiplier "
+            f"{multiplier:f} and no rounding, so the bridge sends whole small units and Stripe "
+            "converts the period's total once"
+        )
+    else:
+        steps.append(
+            "send whole small units (a multiplier of 1 or more, no rounding) and convert with a "
+            "price whose transform_quantity divides the period's total"
+        )
+    return "; ".join(steps)
 
 
 @click.command("replay")

@@ -249,6 +249,23 @@ def test_check_config_online_shows_aggregate_usage_and_transform_quantity(
     assert {r.headers["stripe-version"] for r in price_reads} == {USAGE_RECORDS_API_VERSION}
 
 
+def test_check_config_online_explains_a_mapping_that_rounds_each_window(
+    tmp_path: Path, stripe_fake: FakeStripe, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stripe_fake.add_price("price_1Gb")
+    stripe_fake.add_price("price_1Kb", transform_quantity={"divide_by": 1000, "round": "up"})
+    text = (
+        "meters:\n  gb: {price: price_1Gb, multiplier: 0.001, rounding: up}\n"
+        "  kb: {price: price_1Kb, multiplier: 0.001}\n  api_requests: price_1Api\nsubjects: {}\n"
+    )
+    code, lines = check_online(tmp_path / "config.yaml", text, app, stripe_fake, monkeypatch)
+    assert code == 0, lines["output"]  # a warning, not a problem: the bill is still bounded
+    assert "warning" in lines["meters.gb"] and "ok" in lines["meters.api_requests"]
+    assert "transform_quantity divide_by 1000 round up" in lines["meters.gb"]
+    assert "map it with multiplier 1 and no rounding" in lines["meters.gb"]
+    assert "already divides by 1000: map it with multiplier 1 and no rounding" in lines["meters.kb"]
+
+
 def test_check_config_online_fails_when_aggregate_usage_cannot_be_read(
     tmp_path: Path, stripe_fake: FakeStripe, app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
