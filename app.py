@@ -389,6 +389,20 @@ class ConfigSource:
                 self._lock.release()
         return self.config
 
+    def watch(self) -> None:
+        """Checks the file every second in a thread of this process, requests or not.
+
+        Without it an idle worker would serve, and /readyz show, the old version until a request
+        came. gunicorn's post_worker_init calls this in each worker: threads do not survive fork.
+        """
+
+        def check_forever() -> None:
+            while True:
+                time.sleep(self.CHECK_EVERY_SECONDS)
+                self.current()
+
+        threading.Thread(target=check_forever, name="config-watch", daemon=True).start()
+
     def _reload_if_changed(self) -> None:
         """Swaps in a changed file if it is valid; otherwise keeps serving the old one."""
         try:

@@ -36,6 +36,14 @@ def _remove_metrics_dir(master: int, folder: str) -> None:
 atexit.register(_remove_metrics_dir, os.getpid(), _metrics_dir)
 
 wsgi_app = "app:serve()"
+
+
+def post_worker_init(worker: object) -> None:
+    """Each worker checks config.yaml every second, requests or not (threads do not survive the
+    fork, so the master cannot start this for them). worker.wsgi is serve()'s Flask app."""
+    worker.wsgi.extensions["bridge"].config.watch()  # type: ignore[attr-defined]
+
+
 # BIND: where to listen, e.g. 127.0.0.1:8080 behind a proxy on the same host (docs/proxy.md);
 # several addresses separated by spaces. By default every interface, on $PORT.
 bind = os.environ.get("BIND", "").split() or [f"0.0.0.0:{os.environ.get('PORT', '8080')}"]

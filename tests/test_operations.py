@@ -22,7 +22,15 @@ from flask.testing import FlaskClient
 from app import USAGE_RECORDS_API_VERSION, ConfigSource, create_app
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import PROJECT, example, hours_ago, report, sign, wait_until
+from tests.harness import (
+    PROJECT,
+    example,
+    hours_ago,
+    report,
+    sign,
+    wait_until,
+    worker_pids,
+)
 
 NEW_SUBJECT = CONFIG_YAML.replace("subjects:\n", "subjects:\n  newcomer: sub_1Newcomer\n")
 
@@ -127,6 +135,22 @@ def test_reload_in_every_gunicorn_worker_within_five_seconds(
     assert {status for status, _ in answers} == {200}
     pids = {line["pid"] for line in service.logs() if line["message"] == "webhook"}
     assert len(pids) == 2
+
+
+def test_idle_workers_take_a_change_within_five_seconds_without_a_request(
+    service: Service, config_path: Path
+) -> None:
+    workers = set(worker_pids(service.process.pid))
+    assert len(workers) == 2
+    replace_atomically(config_path, NEW_SUBJECT)
+    edited = time.monotonic()
+
+    def reloaded() -> set[int]:
+        return {line["pid"] for line in service.logs() if line["message"] == "config reloaded"}
+
+    wait_until(lambda: reloaded() == workers, 5)
+    assert time.monotonic() - edited < 5
+    assert not [line for line in service.logs() if line["message"] == "webhook"]
 
 
 # --- check-config ----------------------------------------------------------------------------
