@@ -1,4 +1,4 @@
-# The bridge as a container: gunicorn serving app.py, configured by the environment and config.yaml.
+# The bridge as a container: gunicorn serving app.py and its bridge/ package, configured by the environment and config.yaml.
 # Run it with a read-only root filesystem and the ledger on a volume:
 #   docker run --read-only --tmpfs /tmp -v bridge-state:/var/lib/bridge -e STRIPE_API_KEY ... IMAGE
 
@@ -34,6 +34,7 @@ COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
 COPY app.py gunicorn.conf.py config.yaml ./
+COPY bridge/ ./bridge/
 USER 10001:10001
 VOLUME ["/var/lib/bridge"]
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from app import USAGE_RECORDS_API_VERSION
+from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from tests.harness import (
     Running,
     fake_and_service,

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app import ConfigError, MeterMapping, create_app, load_config, serve, settings_from_env
+from app import create_app, serve
+from bridge.config import MeterMapping, load_config
+from bridge.errors import ConfigError
+from bridge.settings import settings_from_env
 from tests.conftest import API_KEY
 from tests.harness import SECRET
 

@@ -18,7 +18,7 @@ import stripe
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import USAGE_RECORDS_API_VERSION
+from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
 from tests.harness import report

@@ -151,6 +151,25 @@ def test_the_image_keeps_no_build_tools() -> None:
     assert "@" in final.base or re.search(r":\d+\.\d+\.\d+-", final.base), "an exact Python"
 
 
+def test_the_image_holds_every_module_of_the_service() -> None:
+    # What gunicorn imports from the project: app.py, gunicorn.conf.py and the bridge package,
+    # every module of it (a package copied in part would fail at the first import of the rest).
+    copied = {
+        source.rstrip("/")
+        for rest in dockerfile_stages()[-1].args("COPY")
+        if not rest.startswith("--from=")
+        for source in rest.split()[:-1]
+    }
+    imported = {
+        name.split(".")[0]
+        for path in ["app.py", *map(str, (PROJECT / "bridge").glob("*.py"))]
+        for name in re.findall(r"^(?:from|import) (\w+)", (PROJECT / path).read_text(), re.M)
+        if (PROJECT / name).is_dir() or (PROJECT / f"{name}.py").is_file()
+    }
+    assert imported == {"bridge"}
+    assert {"app.py", "gunicorn.conf.py", "config.yaml", "bridge"} <= copied
+
+
 def test_the_image_runs_as_non_root_with_its_state_on_a_volume() -> None:
     final = dockerfile_stages()[-1]
     users = final.args("USER")
@@ -219,9 +238,11 @@ def sandbox(
         *sources, destination = rest.split()
         if sources[0].startswith("--from="):
             continue
-        assert destination in {"./", f"{workdir}/"}, rest
+        # Files go into WORKDIR; a folder (COPY bridge/ ./bridge/) into a folder of its name.
+        folder = destination.removeprefix(f"{workdir}/").removeprefix("./").rstrip("/")
+        assert folder == "" or sources == [f"{folder}/"], rest
         for source in sources:
-            args += ["--ro-bind", str(PROJECT / source), str(workdir / source)]
+            args += ["--ro-bind", str(PROJECT / source), str(workdir / source.rstrip("/"))]
     for path in extra_ro:  # the tests' config, and this venv if it lives under /tmp
         args += ["--ro-bind", str(path), str(path)]
     if not writable_tmp:

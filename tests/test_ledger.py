@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from app import Ledger, Message, create_app
+from app import create_app
+from bridge.ledger import Ledger, Message
 from tests.conftest import Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import hours_ago, report
@@ -108,7 +109,7 @@ def test_empty_state_path_turns_the_ledger_off(
 
 def test_entries_expire_after_48_hours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = Ledger(str(tmp_path / "ledger.sqlite3"))
-    ledger.record(Message("msg_old", "digest", time.time()), None, [], done=True)
+    ledger.record(Message("msg_old", "digest", time.time()), done=True)
     seen, done = ledger.begin("msg_old", "digest")
     assert done and abs(seen - time.time()) < 5
     later = time.time() + Ledger.KEEP_SECONDS + 60

@@ -17,7 +17,9 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import Config, ConfigSource, create_app, parse_config_file
+from app import create_app
+from bridge.config import Config, parse_config_file
+from bridge.config_source import ConfigSource
 from tests.conftest import CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, hours_ago, iso, report

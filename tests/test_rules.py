@@ -25,7 +25,9 @@ import yaml
 from flask.testing import FlaskClient
 from stripe import _util as stripe_util
 
-from app import CACHE_MAX_ENTRIES, CACHE_TTL_SECONDS, USAGE_RECORDS_API_VERSION, Cache, create_app
+from app import create_app
+from bridge.stripe_api import USAGE_RECORDS_API_VERSION
+from bridge.stripe_objects import CACHE_MAX_ENTRIES, CACHE_TTL_SECONDS, Cache
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
 from tests.harness import PROJECT, hours_ago, iso, report, wait_until

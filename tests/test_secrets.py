@@ -29,8 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
-import app as bridge_app
-from app import ConfigError, JsonFormatter, create_app, serve, settings_from_env
+import bridge.stripe_api
+from app import create_app, serve
+from bridge.errors import ConfigError
+from bridge.logs import JsonFormatter, configure_logging
+from bridge.settings import settings_from_env
 from tests.conftest import API_KEY, Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, ROTATED_SECRET, SECRET, hours_ago, post, report, sign
@@ -130,7 +133,7 @@ def captured(
     capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Capture]:
     """Every logger at DEBUG, stripe's console logging on, the bridge's lines into a buffer."""
-    bridge_app._configure_logging()
+    configure_logging()
     capture = Capture(capfd)
     handler = _ListHandler(capture)
     bridge = logging.getLogger("bridge")
@@ -170,7 +173,7 @@ def test_the_checker_finds_secrets() -> None:
 @pytest.fixture
 def one_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """One retry (after half a second) instead of two: the same paths, less waiting."""
-    monkeypatch.setattr(bridge_app, "STRIPE_MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(bridge.stripe_api, "STRIPE_MAX_ATTEMPTS", 2)
 
 
 def test_webhook_error_paths_leak_no_secret(

@@ -14,7 +14,10 @@ import stripe
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import USAGE_RECORDS_API_VERSION, BudgetHTTPClient, attempt_budget, create_app
+from app import create_app
+from bridge.signature import attempt_budget
+from bridge.stripe_api import USAGE_RECORDS_API_VERSION
+from bridge.transport import BudgetHTTPClient
 from tests.conftest import Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
 from tests.harness import ROTATED_SECRET, SECRET, example, hours_ago, iso, report, sign

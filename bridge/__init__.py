@@ -1,0 +1,22 @@
+"""The OpenMeter -> Stripe bridge, one concern per module (app.py is the web side).
+
+errors          BridgeError and its answers (status, code, message, hint), ConfigError
+logs            JSON log lines, Prometheus metrics
+settings        Settings from the environment (secrets, addresses, budget, proxies)
+config          config.yaml: meter -> price and subject -> subscription mappings, validated
+config_source   config.yaml live: re-read when its bytes change, the last good version kept
+signature       Svix: the signature, when an attempt was sent, the attempt's budget
+report          OpenMeter's report.meter event: strict JSON, windows, completeness
+budget          the webhook's time budget, which bounds every Stripe call
+transport       stripe's HTTP transport (connections, proxies, per-request timeouts)
+stripe_api      the one Stripe client, its retries, what a Stripe error answers
+stripe_objects  subscriptions, prices and meters as read from Stripe, and their cache
+targets         which Stripe object bills a report (Target, resolve_target)
+quantities      a window's value as Stripe takes it (Quantity, MeterValue, zero thresholds)
+planning        each window's checks, timestamp, key and write (plan_writes)
+ledger          what Stripe already accepted (SQLite, shared by the workers)
+writing         sending the writes: one writer per lock key, the ledger batch
+service         Bridge (all a webhook needs), make_bridge, process_event
+online_check    check-config --online: Stripe's view of every mapping
+cli             the flask commands: check-config, replay
+"""

@@ -1,0 +1,125 @@
+"""check-config --online: what Stripe says about every mapped price, meter and subscription."""
+
+from __future__ import annotations
+
+from decimal import (
+    Decimal,
+)
+
+import stripe
+
+from bridge.config import Config, MeterMapping
+from bridge.errors import BridgeError
+from bridge.stripe_api import USAGE_RECORDS_API_VERSION
+from bridge.stripe_objects import Price, fetch_meter, fetch_price, fetch_subscription
+
+
+def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
+    """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
+    rows: list[tuple[str, str, str]] = []
+    meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
+    for slug, mapping in config.meters.items():
+        entry = f"meters.{slug}"
+        try:
+            price = fetch_price(client, mapping.price)
+        except BridgeError as error:
+            rows.append((entry, "problem", f"{mapping.price}: {error.message}"))
+            continue
+        if price.usage_type != "metered":
+            rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
+        elif not price.meter:
+            rows.append(legacy_price_row(entry, price, mapping))
+        else:
+            try:
+                meter = fetch_meter(client, price.meter)
+            except BridgeError as error:
+                rows.append((entry, "problem", error.message))
+                continue
+            detail = (
+                f"{mapping.price}: meter events to {meter.id} ({meter.event_name}, "
+                f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
+            )
+            if (other := meter_users.setdefault(meter.id, entry)) != entry:
+                rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
+                continue
+            rows.append(
+                (
+                    entry,
+                    "ok" if meter.active else "problem",
+                    detail + ("" if meter.active else ", inactive"),
+                )
+            )
+    for subject, subscription_id in config.subjects.items():
+        entry = f"subjects.{subject}"
+        try:
+            subscription = fetch_subscription(client, subscription_id)
+        except BridgeError as error:
+            rows.append((entry, "problem", f"{subscription_id}: {error.message}"))
+            continue
+        missing = sorted(
+            m.price for m in config.meters.values() if m.price not in subscription.items
+        )
+        if subscription.status not in ("active", "trialing"):
+            rows.append((entry, "problem", f"{subscription_id} is {subscription.status}"))
+        elif missing:
+            rows.append(
+                (entry, "problem", f"{subscription_id} has no item for {', '.join(missing)}")
+            )
+        else:
+            rows.append(
+                (
+                    entry,
+                    "ok",
+                    f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
+                )
+            )
+    return rows
+
+
+def legacy_price_row(entry: str, price: Price, mapping: MeterMapping) -> tuple[str, str, str]:
+    """A legacy price's row: its aggregation and unit conversion, a problem if Stripe hides it."""
+    detail = f"{price.id}: usage records (aggregate_usage {price.aggregate_usage}"
+    if price.divide_by is not None:
+        detail += f", transform_quantity divide_by {price.divide_by} round {price.round}"
+    detail += ")"
+    if price.aggregate_usage is None:
+        return (
+            entry,
+            "problem",
+            f"{detail}: Stripe showed no aggregate_usage at {USAGE_RECORDS_API_VERSION}, so "
+            "the bridge cannot check the aggregation and would refuse every report",
+        )
+    if advice := conversion_advice(price, mapping):
+        return entry, "warning", f"{detail}: {advice}"
+    return entry, "ok", detail
+
+
+def conversion_advice(price: Price, mapping: MeterMapping) -> str | None:
+    """How to stop a legacy mapping from rounding each window, given what the price does."""
+    if mapping.multiplier >= 1 and not mapping.rounding:
+        return None
+    # transform_quantity divides the period's total, then rounds it once (up or down):
+    # docs.stripe.com/billing/subscriptions/usage-based/transform-quantities
+    divide_by = ((1 / mapping.multiplier) if mapping.multiplier < 1 else Decimal(1)).normalize()
+    steps = [f"the bridge rounds every window to a whole unit (multiplier {mapping.multiplier}"]
+    steps[0] += f", rounding {mapping.rounding or 'nearest'}), so the error grows with the windows"
+    if price.divide_by is None and divide_by == divide_by.to_integral_value() and divide_by > 1:
+        round_ = "down" if mapping.rounding == "down" else "up"
+        steps.append(
+            f"give {price.id} transform_quantity divide_by {divide_by:f} round {round_} "
+            "(a new price: Stripe cannot change it on this one), map it with multiplier 1 and no "
+            "rounding, and Stripe converts the period's total once"
+        )
+    elif price.divide_by is not None:
+        multiplier = (price.divide_by * mapping.multiplier).normalize()
+        steps.append(
+            f"{price.id} already divides by {price.divide_by}: map it with multiplier "
+            f"{multiplier:f} and no rounding, so the bridge sends whole small units and Stripe "
+            "converts the period's total once"
+        )
+    else:
+        steps.append(
+            "send whole small units (a multiplier of 1 or more, no rounding) and convert with a "
+            "price whose transform_quantity divides the period's total"
+        )
+    return "; ".join(steps)

@@ -1,0 +1,112 @@
+"""Which Stripe object bills a report: a legacy item's usage records, or a meter's events."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+
+import stripe
+
+from bridge.config import Config, MeterMapping
+from bridge.errors import StripeRefused, Unmapped
+from bridge.report import Report
+from bridge.stripe_objects import (
+    Item,
+    Meter,
+    StripeCaches,
+    Subscription,
+    fetch_meter,
+    fetch_price,
+    fetch_subscription,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a report's windows go: a legacy item's usage records, or a meter's events."""
+
+    subscription: Subscription
+    item: Item
+    mapping: MeterMapping
+    meter: Meter | None
+
+    @property
+    def kind(self) -> str:
+        """The Stripe API that takes the writes; discovered from the price, never configured."""
+        return "meter_events" if self.meter else "usage_records"
+
+    @property
+    def lock_key(self) -> str:
+        """What Stripe locks on a write (the item, or the customer's meter): writes to one key
+        are made one at a time, and the ledger keeps its windows under it."""
+        if self.meter:
+            return f"{self.subscription.customer}/{self.meter.id}"
+        return self.item.id
+
+    @property
+    def raw_meter(self) -> bool:
+        """A meter without pre-aggregation: it adds every event, so a window is sent only once."""
+        return bool(self.meter and not self.meter.event_time_window)
+
+
+def find_mapping(report: Report, config: Config) -> tuple[str, MeterMapping]:
+    """The subscription and meter mapping for a report, or a 422 telling what to add."""
+    subscription = config.subjects.get(report.subject)
+    mapping = config.meters.get(report.meter)
+    missing = []
+    if subscription is None:
+        missing.append(f"subject {report.subject!r} is not under 'subjects'")
+    if mapping is None:
+        missing.append(f"meter {report.meter!r} is not under 'meters'")
+    if subscription is None or mapping is None:
+        raise Unmapped(
+            "; ".join(missing) + " in config.yaml",
+            "Add it to config.yaml; Svix keeps retrying for about a day, so nothing is lost.",
+            subject=report.subject,
+            meter=report.meter,
+        )
+    return subscription, mapping
+
+
+def resolve_target(
+    report: Report, config: Config, client: stripe.StripeClient, caches: StripeCaches
+) -> Target:
+    """Finds the item, and the meter if its price has one, that bill this report."""
+    subscription_id, mapping = find_mapping(report, config)
+    subscription = caches.subscriptions.get(
+        subscription_id,
+        partial(fetch_subscription, client),
+        # A renewed subscription has a new period: its cached copy is stale.
+        lambda found: (
+            mapping.price in found.items and found.items[mapping.price].period_end > time.time()
+        ),
+    )
+    item = subscription.items.get(mapping.price)
+    if item is None:
+        raise StripeRefused(
+            f"subscription {subscription_id} has no item with price {mapping.price}",
+            f"Add {mapping.price} to the subscription in Stripe, or fix meters.{report.meter} "
+            "in config.yaml; Svix retries for about a day.",
+            subscription=subscription_id,
+            price=mapping.price,
+        )
+    if item.usage_type != "metered":
+        raise StripeRefused(
+            f"price {mapping.price} is not metered, so it cannot take usage",
+            f"Map meters.{report.meter} to a metered price in config.yaml.",
+            price=mapping.price,
+        )
+    meter = None
+    if not item.meter:
+        price = caches.prices.get(mapping.price, partial(fetch_price, client))
+        item = replace(item, aggregate_usage=price.aggregate_usage)
+    if item.meter:
+        meter = caches.meters.get(item.meter, partial(fetch_meter, client))
+        if not meter.active:
+            raise StripeRefused(
+                f"meter {meter.id} of price {mapping.price} is not active",
+                "Reactivate the meter in Stripe; Svix retries for about a day.",
+                meter=meter.id,
+            )
+    return Target(subscription, item, mapping, meter)

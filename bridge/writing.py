@@ -1,0 +1,240 @@
+"""Writing a report's windows to Stripe, one writer per Stripe object at a time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import stripe
+
+from bridge.budget import time_left
+from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
+from bridge.ledger import Accepted, Ledger, Message
+from bridge.logs import WINDOWS_WRITTEN, log_event
+from bridge.planning import Write
+from bridge.quantities import meter_value_text
+from bridge.stripe_api import USAGE_RECORDS_API_VERSION, call_stripe, classify
+from bridge.stripe_objects import Cache, Subscription
+from bridge.targets import Target
+
+_locks: dict[str, tuple[threading.Lock, int]] = {}  # a lock and how many want it
+
+
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def one_writer(lock_key: str) -> Iterator[None]:
+    """Writes to one Stripe object one at a time: concurrent writes hit Stripe's lock timeouts."""
+    with _locks_guard:
+        lock, users = _locks.get(lock_key, (threading.Lock(), 0))
+        _locks[lock_key] = lock, users + 1
+    try:
+        if not lock.acquire(timeout=max(min(time_left(), 60.0), 0)):
+            raise StripeUnavailable(
+                f"another webhook kept {lock_key} busy until the time budget ran out",
+                "Svix will retry.",
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        with _locks_guard:  # the last user drops the lock: the table stays small
+            lock, users = _locks[lock_key]
+            if users == 1:
+                del _locks[lock_key]
+            else:
+                _locks[lock_key] = lock, users - 1
+
+
+class LedgerBatch:
+    """What one attempt leaves in the ledger: the writes Stripe accepted, 50 at a time (a worker
+    killed mid-report redoes at most 50), and the message itself, however the attempt ends.
+
+    Enter it around the whole attempt, and `writing(lock_key, complete)` around the writes: the
+    last batch is recorded before the lock is released, so that a newer report for the same
+    windows, waiting for that lock, finds them in the ledger.
+    """
+
+    SIZE = 50
+
+    def __init__(self, ledger: Ledger, message: Message) -> None:
+        self._ledger, self._message = ledger, message
+        self._lock_key: str | None = None  # known once the target is
+        self._accepted: list[Write] = []
+        self._recorded = False
+
+    def __enter__(self) -> LedgerBatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Records an attempt that failed before it wrote: even a failed attempt is remembered,
+        as when a message was first seen decides which of two reports wins."""
+        if not self._recorded:
+            self._record(done=False)
+
+    @contextmanager
+    def writing(self, lock_key: str, complete: bool) -> Iterator[None]:
+        """Holds lock_key's one writer lock around the block, and records what is left before it
+        lets go: done if the block ended normally and complete (no window waits for later)."""
+        with one_writer(lock_key):
+            self._lock_key = lock_key
+            done = False
+            try:
+                yield
+                done = complete
+            finally:
+                self._record(done)
+
+    def accepted(self, write: Write) -> None:
+        """Notes one write Stripe accepted."""
+        self._accepted.append(write)
+        if len(self._accepted) >= self.SIZE:
+            self._record(done=False)
+
+    def _record(self, done: bool) -> None:
+        """Records the message and the writes noted since the last batch."""
+        writes = tuple(self._accepted)
+        accepted = Accepted(self._lock_key, writes) if self._lock_key else None
+        self._ledger.record(self._message, done, accepted)
+        self._accepted.clear()
+        self._recorded = True
+
+
+def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str | None:
+    """Sends one window to Stripe; returns Stripe's request id (None: it already had it)."""
+    if write.timestamp > time.time():
+        raise StripeUnavailable(
+            f"window {write.window.start.isoformat()} started less than a second ago",
+            "Svix will retry in a moment.",
+        )
+    if target.meter is None:
+        response = call_stripe(
+            "usage_record",
+            lambda: client.raw_request(
+                "post",
+                f"/v1/subscription_items/{target.item.id}/usage_records",
+                quantity=write.value,
+                timestamp=write.timestamp,
+                action="set",  # a repeat or a correction overwrites the window
+                stripe_version=USAGE_RECORDS_API_VERSION,
+                idempotency_key=write.key,
+            ),
+        )
+        return str(response.request_id)
+    meter = target.meter
+    try:
+        response = call_stripe(
+            "meter_event",
+            lambda: client.raw_request(
+                "post",
+                "/v1/billing/meter_events",
+                event_name=meter.event_name,
+                payload={
+                    meter.customer_key: target.subscription.customer,
+                    meter.value_key: meter_value_text(write.value),
+                },
+                timestamp=write.timestamp,
+                identifier=write.key,
+            ),
+        )
+    except stripe.InvalidRequestError as error:
+        if _already_exists(error):
+            return None
+        raise
+    return str(response.request_id)
+
+
+def _already_exists(error: stripe.InvalidRequestError) -> bool:
+    """Stripe's answer to an identifier it already has: the event is in, which is success."""
+    # Stripe gives this error no code; its fixed wording tells it from a malformed identifier.
+    return "already exists with identifier" in str(error.user_message)
+
+
+def write_facts(target: Target, write: Write) -> dict[str, Any]:
+    """What a log line says of one write, in the words of its Stripe API."""
+    if target.meter is None:
+        return {
+            "kind": target.kind,
+            "idempotency_key": write.key,
+            "item": target.item.id,
+            "timestamp": write.timestamp,
+            "quantity": write.value,
+        }
+    return {
+        "kind": target.kind,
+        "identifier": write.key,
+        "event_name": target.meter.event_name,
+        "customer": target.subscription.customer,
+        "timestamp": write.timestamp,
+        "value": meter_value_text(write.value),
+    }
+
+
+def write_report(
+    client: stripe.StripeClient,
+    subscriptions: Cache[Subscription],
+    target: Target,
+    writes: Sequence[Write],
+    on_accepted: Callable[[Write], None],
+) -> None:
+    """Sends every window in order; a refused window does not keep the others from Stripe."""
+    refused: list[dict[str, Any]] = []
+    written = 0
+    for write in writes:
+        facts = write_facts(target, write)
+        try:
+            request_id = send_write(client, target, write)
+        except (stripe.StripeError, StripeUnavailable) as error:
+            problem = write_problem(error, write)
+            log_event(
+                "stripe write failed",
+                logging.WARNING,
+                **facts,
+                status=problem.status,
+                stripe_request_id=getattr(error, "request_id", None),
+            )
+            if isinstance(problem, StripeUnavailable):
+                # Svix's next attempt resumes: the ledger skips what Stripe has accepted.
+                progress = {"written": written, "remaining": len(writes) - written}
+                raise StripeUnavailable(
+                    problem.message, problem.hint, **problem.details, **progress
+                ) from error
+            # A refusal may come from a subscription changed since it was cached (an item
+            # removed, a price swapped): drop the copy, so that Svix's retry reads it afresh.
+            subscriptions.forget(target.subscription.id)
+            refused.append(problem.body())
+            continue
+        written += 1
+        on_accepted(write)
+        if request_id is None and target.raw_meter:
+            log_event(
+                "raw meter kept the window's first event",
+                logging.WARNING,
+                **facts,
+                hint="a correction of this window, if it was one, is not applied",
+            )
+        WINDOWS_WRITTEN.labels(target.kind).inc()
+        log_event("stripe write", **facts, stripe_request_id=request_id)
+    if refused:
+        raise StripeRefused(
+            f"Stripe refused {len(refused)} of {len(writes)} windows: {refused[0]['message']}",
+            refused[0]["hint"],
+            refused=refused,
+        )
+
+
+def write_problem(error: stripe.StripeError | StripeUnavailable, write: Write) -> BridgeError:
+    """What a failed write answers: the bridge's own error as it is, Stripe's classified."""
+    if isinstance(error, BridgeError):
+        return error
+    window = {
+        "window_start": write.window.start.isoformat(),
+        "window_end": write.window.end.isoformat(),
+    }
+    return classify(error, **window)
