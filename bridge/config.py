@@ -20,11 +20,7 @@ import yaml
 from bridge.errors import ConfigError
 
 ROUNDING_MODES = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "nearest": ROUND_HALF_UP}
-
-
 PRICE_ID = re.compile(r"price_[A-Za-z0-9]+")
-
-
 SUBSCRIPTION_ID = re.compile(r"sub_[A-Za-z0-9]+")
 
 

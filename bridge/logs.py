@@ -50,22 +50,14 @@ def configure_logging() -> None:
 
 # Under gunicorn these live in files shared by the workers (PROMETHEUS_MULTIPROC_DIR).
 WEBHOOKS = Counter("bridge_webhooks_total", "Webhooks answered.", ["outcome", "status"])
-
-
 WINDOWS_WRITTEN = Counter("bridge_windows_written_total", "Windows Stripe accepted.", ["kind"])
-
-
 STRIPE_SECONDS = Histogram(
     "bridge_stripe_request_seconds",
     "Stripe request latency.",
     ["operation"],
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-
-
 STRIPE_ERRORS = Counter("bridge_stripe_errors_total", "Stripe errors.", ["error_class"])
-
-
 CONFIG_RELOADS = Counter("bridge_config_reloads_total", "config.yaml reloads.", ["result"])
 
 

@@ -21,11 +21,7 @@ COMPATIBLE_AGGREGATIONS = {
     "MAX": {"max"},
     "LATEST": {"last_during_period", "last_ever", "last"},
 }
-
-
 BUCKET_SECONDS = {"hour": 3600, "day": 86400}
-
-
 METER_EVENT_MAX_AGE_SECONDS = 35 * 86400 - 3600  # Stripe's 35 days, less an hour of retries
 
 

@@ -16,15 +16,11 @@ from typing import Any
 from bridge.errors import BadRequest
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
-
-
 NUMERIC_STRING = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII only
 
 
 # Exact decimal arithmetic on any value that passes parse_value's bounds.
 DECIMAL = Context(prec=80)
-
-
 MAX_WINDOW = timedelta(days=32)  # OpenMeter's largest window is a month (31 days and a DST hour)
 
 

@@ -21,11 +21,7 @@ from bridge.transport import BudgetHTTPClient
 # Unpinned calls go at stripe-python 16.1's 2026-10-28.endive. "endive spec" below: stripe/openapi
 # latest/openapi.spec3.json at 18fa2cc7 (2026-09-30.endive), trimmed into tests/stripe_openapi.json.
 USAGE_RECORDS_API_VERSION = "2025-02-24.acacia"
-
-
 STRIPE_MAX_ATTEMPTS = 3
-
-
 T = TypeVar("T")
 
 

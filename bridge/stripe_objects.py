@@ -1,4 +1,7 @@
-"""What the bridge reads from Stripe (subscriptions, prices, meters), and its cache of them."""
+"""What the bridge reads from Stripe (subscriptions, prices, meters), and its cache of them.
+
+"endive spec" below: stripe/openapi's spec at the version unpinned calls use (see stripe_api).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,6 @@ import stripe
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION, call_stripe, classify
 
 CACHE_TTL_SECONDS = 300.0
-
-
 CACHE_MAX_ENTRIES = 10_000
 
 

@@ -22,8 +22,6 @@ from bridge.stripe_objects import Cache, Subscription
 from bridge.targets import Target
 
 _locks: dict[str, tuple[threading.Lock, int]] = {}  # a lock and how many want it
-
-
 _locks_guard = threading.Lock()
 
 
