@@ -1,4 +1,4 @@
-"""Rules of app.py that other tests leave loose, each pinned so that a one-line mutant fails.
+"""Rules of the bridge that other tests leave loose, each pinned so that a one-line mutant fails.
 
 Everything goes through signed webhooks to the fake Stripe over HTTP, except the Cache, which is
 driven through its own API with an injected clock.
