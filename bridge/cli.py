@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -9,7 +10,7 @@ from typing import Any
 
 import click
 
-from bridge.config import Config, _sha256, load_config
+from bridge.config import Config, load_config
 from bridge.errors import BridgeError, ConfigError
 from bridge.online_check import check_online
 from bridge.service import make_bridge, process_event
@@ -78,7 +79,7 @@ def replay_command(file: Any, dry_run: bool, message_id: str | None) -> None:
         raise click.ClickException("; ".join(error.problems)) from None
     body = file.read()
     # A fresh id makes a replay a new message: it overwrites, as a correction would.
-    message_id = message_id or f"replay-{int(time.time())}-{_sha256(body)[:12]}"
+    message_id = message_id or f"replay-{int(time.time())}-{hashlib.sha256(body).hexdigest()[:12]}"
     facts: dict[str, Any] = {}
     try:
         answer = process_event(bridge, body, message_id, facts, dry_run=dry_run)

@@ -69,7 +69,7 @@ def parse_config_file(raw: bytes) -> Config:
     return parse_config(yaml.safe_load(raw), problems)
 
 
-def _sha256(raw: bytes) -> str:
+def config_checksum(raw: bytes) -> str:
     """A config version's checksum, as /readyz shows it."""
     return hashlib.sha256(raw).hexdigest()
 

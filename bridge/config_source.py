@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.config import Config, _sha256, parse_config_file, read_file
+from bridge.config import Config, config_checksum, parse_config_file, read_file
 from bridge.errors import ConfigError
 from bridge.logs import CONFIG_RELOADS, log_event
 
@@ -33,7 +33,7 @@ class ConfigSource:
         self.path = path
         self._clock = clock
         raw = read_file(path)
-        self.config, self.checksum = parse_config_file(raw), _sha256(raw)
+        self.config, self.checksum = parse_config_file(raw), config_checksum(raw)
         self.loaded_at = datetime.now(UTC)
         self.error: str | None = None
         self._rejected: str | None = None  # the checksum of the last invalid version, logged once
@@ -73,7 +73,7 @@ class ConfigSource:
         except ConfigError as error:
             self._reject("unreadable", error)
             return
-        checksum = _sha256(raw)
+        checksum = config_checksum(raw)
         if checksum == self.checksum:
             self.error = self._rejected = self._candidate = None  # an edit was undone
             return
