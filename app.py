@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import sqlite3
 import ssl
 import sys
@@ -62,6 +63,11 @@ STRIPE_READ_TIMEOUT = 8.0
 STRIPE_MAX_ATTEMPTS = 3
 CACHE_TTL_SECONDS = 300.0
 CACHE_MAX_ENTRIES = 10_000
+# Invoices finalize 1 hour after the period ends unless the account sets up to 72 hours; until then
+# usage for the previous period is still billed (docs.stripe.com/billing/subscriptions/usage-based/
+# configure-grace-period).
+DEFAULT_INVOICE_GRACE_SECONDS = 3600
+MAX_INVOICE_GRACE_SECONDS = 72 * 3600
 
 log = logging.getLogger("bridge")
 
@@ -216,6 +222,7 @@ class Settings:
     trusted_proxies: int = 0
     state_path: str | None = "state/bridge.sqlite3"
     time_budget: float = 12.0
+    invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
 
 
 def settings_from_env(
@@ -248,6 +255,12 @@ def settings_from_env(
         problems.append(
             "TIME_BUDGET_SECONDS must be between 1 and 12 (Svix waits 15 s; the rest is margin)"
         )
+    grace = environ.get("INVOICE_GRACE_SECONDS", str(DEFAULT_INVOICE_GRACE_SECONDS)).strip()
+    if not (re.fullmatch(r"[0-9]{1,6}", grace) and int(grace) <= MAX_INVOICE_GRACE_SECONDS):
+        problems.append(
+            "INVOICE_GRACE_SECONDS must be 0-259200: your Stripe account's invoice finalization "
+            "grace period (Stripe's default is 3600)"
+        )
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -265,6 +278,7 @@ def settings_from_env(
         trusted_proxies=int(proxies),
         state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
         time_budget=float(budget),
+        invoice_grace=int(grace),
     )
 
 
@@ -902,14 +916,37 @@ class Item:
     period_end: float = math.inf
 
 
+# Subscription statuses that bill nothing more (the status enum of Stripe's spec, 2026-09-30.endive).
+ENDED_STATUSES = ("canceled", "incomplete_expired")
+
+
 @dataclass(frozen=True)
 class Subscription:
-    """A Stripe subscription: whom it bills, and its items by price."""
+    """A Stripe subscription: whom it bills, its items by price, and whether it renews."""
 
     id: str
     customer: str
     items: Mapping[str, Item]
     status: str = "active"
+    # stripe/openapi spec3 (2026-09-30.endive), schema `subscription`: start_date and
+    # cancel_at_period_end are required; cancel_at and ended_at are nullable timestamps.
+    start_date: int = 0
+    cancel_at: int | None = None
+    cancel_at_period_end: bool = False
+    ended_at: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether it has ended: canceled, or expired before its first payment."""
+        return self.status in ENDED_STATUSES or self.ended_at is not None
+
+    def final_end(self, item: Item) -> float:
+        """When billing stops for good, if that is within the item's current period; else inf."""
+        if self.ended_at is not None:
+            return self.ended_at
+        if self.cancel_at is not None and self.cancel_at <= item.period_end:
+            return self.cancel_at
+        return item.period_end if self.cancel_at_period_end else math.inf
 
 
 @dataclass(frozen=True)
@@ -1034,6 +1071,10 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
         id=subscription,
         status=found["status"],
         customer=customer if isinstance(customer, str) else customer["id"],
+        start_date=found.get("start_date") or 0,
+        cancel_at=found.get("cancel_at"),
+        cancel_at_period_end=bool(found.get("cancel_at_period_end")),
+        ended_at=found.get("ended_at"),
         items={
             item["price"]["id"]: Item(
                 id=item["id"],
@@ -1134,6 +1175,7 @@ class Write:
     timestamp: int
     value: str  # a whole quantity for a usage record, a decimal string for a meter event
     key: str  # the idempotency key of a usage record, the identifier of a meter event
+    refusal: dict[str, Any] | None = None  # why Stripe would bill it in no period: not sent
 
 
 def check_aggregation(report: Report, target: Target) -> None:
@@ -1183,8 +1225,10 @@ def not_yet(window: Window, target: Target, now: datetime) -> str | None:
     if target.meter and target.raw_meter and end > now.timestamp():
         # A raw meter keeps a window's first event for good, so a partial value would stick.
         return f"still open, and raw meter {target.meter.id} would keep a partial value for good"
-    if not target.meter and window.start.timestamp() < target.item.period_end < end:
+    renews = target.subscription.final_end(target.item) == math.inf
+    if renews and window.start.timestamp() < target.item.period_end < end:
         # Written now it would land in this period, and again, in full, in the next one.
+        # (A subscription that will not renew has no next period: its last window is written now.)
         return "spans the subscription's renewal; it is billed in the new period once that begins"
     return None
 
@@ -1194,11 +1238,65 @@ def window_timestamp(window: Window) -> int:
     return math.floor(window.start.timestamp()) + 1
 
 
-def in_billing_period(window: Window, timestamp: int, item: Item) -> int:
-    """A window that a renewal splits is billed in the new period: the old one is invoiced."""
-    if window.start.timestamp() < item.period_start < window.end.timestamp():
-        return max(timestamp, item.period_start)
-    return timestamp  # wholly before the period: Stripe refuses it, and the answer says which
+def check_not_ended(report: Report, target: Target) -> None:
+    """Refuses usage for a subscription that has ended: Stripe would bill none of it."""
+    subscription = target.subscription
+    final_end = subscription.final_end(target.item)
+    if subscription.ended:
+        ended = datetime.fromtimestamp(min(final_end, time.time()), UTC).isoformat()
+        raise StripeRefused(
+            f"subscription {subscription.id} ended ({subscription.status}, {ended}): Stripe "
+            f"bills none of the report's {len(report.windows)} windows",
+            "Bill this usage by hand if it matters, or map the subject to its new subscription "
+            "in config.yaml; Svix retries for about a day.",
+            subscription=subscription.id,
+            windows=[w.start.isoformat() for w in report.windows],
+        )
+
+
+def in_billing_period(
+    window: Window, timestamp: int, target: Target, now: datetime, grace: int
+) -> int:
+    """The timestamp that bills a window in the period it belongs to, or a 422 naming it.
+
+    A window that a renewal splits is billed in the new period (the old one is invoiced); one the
+    subscription's start splits, from the start; one its end splits, before the end.
+    """
+    item, subscription = target.item, target.subscription
+    start, end = window.start.timestamp(), window.end.timestamp()
+    final_end = subscription.final_end(item)
+    if start >= final_end:
+        raise _unbillable(window, f"starts after subscription {subscription.id} ends")
+    if start < subscription.start_date < end:
+        timestamp = max(timestamp, subscription.start_date)
+    if start < item.period_start < end:
+        timestamp = max(timestamp, item.period_start)
+    if start < final_end < end:
+        timestamp = min(timestamp, math.ceil(final_end) - 1)
+    if not target.meter:
+        return timestamp  # Stripe refuses a record outside the period, and says which
+    # A meter takes any event for the customer, and bills it only inside the subscription and
+    # while its period's invoice is open.
+    if end <= subscription.start_date:
+        raise _unbillable(window, f"ended before subscription {subscription.id} began")
+    if end <= item.period_start and now.timestamp() >= item.period_start + grace:
+        raise _unbillable(
+            window,
+            f"belongs to a period whose invoice finalized {grace} s after it ended "
+            "(INVOICE_GRACE_SECONDS)",
+        )
+    return timestamp
+
+
+def _unbillable(window: Window, why: str) -> StripeRefused:
+    """A 422 for a window that Stripe would take but bill in no period."""
+    return StripeRefused(
+        f"window {window.start.isoformat()}..{window.end.isoformat()} {why}: Stripe would bill "
+        "it in no period",
+        "Bill this usage by hand if it matters; if the account's invoice finalization grace "
+        "period is longer, set INVOICE_GRACE_SECONDS to it.",
+        window_start=window.start.isoformat(),
+    )
 
 
 def to_quantity(value: Decimal, mapping: MeterMapping) -> int:
@@ -1235,11 +1333,16 @@ def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> s
 
 
 def plan_writes(
-    report: Report, target: Target, message_id: str, now: datetime
+    report: Report,
+    target: Target,
+    message_id: str,
+    now: datetime,
+    grace: int = DEFAULT_INVOICE_GRACE_SECONDS,
 ) -> tuple[list[Write], list[dict[str, str]]]:
     """Checks a report against its target's rules and computes every write, before any is sent;
     also returns the windows that must wait (written by a later attempt)."""
     check_aggregation(report, target)
+    check_not_ended(report, target)
     writes, waiting = [], []
     for window in report.windows:
         timestamp = window_timestamp(window)
@@ -1250,11 +1353,15 @@ def plan_writes(
         if reason := not_yet(window, target, now):
             waiting.append({"window_start": window.start.isoformat(), "reason": reason})
             continue
+        try:
+            timestamp = in_billing_period(window, timestamp, target, now, grace)
+        except StripeRefused as refusal:  # the other windows are still written
+            writes.append(Write(window, timestamp, "", "", refusal=refusal.body()))
+            continue
         if target.meter:
             value = to_meter_value(window.value, target.mapping)
             key = meter_event_identifier(message_id, target, timestamp)
         else:
-            timestamp = in_billing_period(window, timestamp, target.item)
             value = str(to_quantity(window.value, target.mapping))
             key = idempotency_key(message_id, target.item.id, timestamp, value)
         writes.append(Write(window, timestamp, value, key))
@@ -1328,19 +1435,20 @@ class Ledger:
             log_event("ledger unavailable", logging.WARNING, path=self.path, error=str(error))
             return default
 
-    def begin(self, message_id: str, digest: str) -> tuple[float, bool]:
-        """When this message was first seen (now, if never), and whether it was fully written."""
+    def begin(self, message_id: str) -> tuple[float, str | None]:
+        """When this message was first seen (now, if never), and the digest it was fully written
+        under (None if it never was)."""
 
-        def work(db: sqlite3.Connection) -> tuple[float, bool]:
+        def work(db: sqlite3.Connection) -> tuple[float, str | None]:
             row = db.execute(
                 "SELECT first_seen, digest, done FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
             if row is None:
-                return time.time(), False
-            return float(row[0]), bool(row[2]) and row[1] == digest
+                return time.time(), None
+            return float(row[0]), str(row[1]) if row[2] else None
 
         self._expire()
-        return self._run((time.time(), False), work)
+        return self._run((time.time(), None), work)
 
     def pending(
         self, writes: Sequence[Write], target: Target, message: Message
@@ -1456,18 +1564,27 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
             "Svix will retry in a moment.",
         )
     if target.meter is None:
-        response = call_stripe(
-            "usage_record",
-            lambda: client.raw_request(
-                "post",
-                f"/v1/subscription_items/{target.item.id}/usage_records",
-                quantity=int(write.value),
-                timestamp=write.timestamp,
-                action="set",  # a repeat or a correction overwrites the window
-                stripe_version=USAGE_RECORDS_API_VERSION,
-                idempotency_key=write.key,
-            ),
-        )
+        key = write.key
+
+        def send_usage_record() -> Any:
+            """One attempt; after a 5xx the next one takes a fresh idempotency key."""
+            nonlocal key
+            try:
+                return client.raw_request(
+                    "post",
+                    f"/v1/subscription_items/{target.item.id}/usage_records",
+                    quantity=int(write.value),
+                    timestamp=write.timestamp,
+                    action="set",  # a repeat or a correction overwrites the window
+                    stripe_version=USAGE_RECORDS_API_VERSION,
+                    idempotency_key=key,
+                )
+            except stripe.APIError as error:
+                if (error.http_status or 0) >= 500:
+                    key = after_server_error(write.key)
+                raise
+
+        response = call_stripe("usage_record", send_usage_record)
         return str(response.request_id)
     meter = target.meter
     try:
@@ -1490,6 +1607,20 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
             return None
         raise
     return str(response.request_id)
+
+
+def after_server_error(key: str) -> str:
+    """A fresh idempotency key for a usage record whose last attempt Stripe answered with a 5xx.
+
+    Stripe saves "the resulting status code and body of the first request made for any given
+    idempotency key ... including 500 errors" (docs.stripe.com/api/idempotent_requests): retried
+    with the same key, one 500 would replay for 24 h and block the message and every later window
+    of its report. A `set` at the same timestamp overwrites, so writing the same quantity again
+    under a new key cannot count twice. The suffix is random, not a counter: it needs no shared
+    state (it works without the ledger, across workers), and each delivery still tries the
+    message's own key first, so a write whose answer was lost replays rather than runs again.
+    """
+    return idempotency_key(key, "after-5xx", secrets.token_hex(8))
 
 
 def _already_exists(error: stripe.InvalidRequestError) -> bool:
@@ -1525,6 +1656,9 @@ def write_report(
     refused: list[dict[str, Any]] = []
     written = 0
     for write in writes:
+        if write.refusal:
+            refused.append(write.refusal)
+            continue
         facts = write_facts(target, write)
         try:
             request_id = send_write(bridge.stripe, target, write)
@@ -1561,7 +1695,7 @@ def write_report(
         log_event("stripe write", **facts, stripe_request_id=request_id)
     if refused:
         raise StripeRefused(
-            f"Stripe refused {len(refused)} of {len(writes)} windows: {refused[0]['message']}",
+            f"{len(refused)} of {len(writes)} windows refused: {refused[0]['message']}",
             refused[0]["hint"],
             refused=refused,
         )
@@ -1649,12 +1783,13 @@ def process_event(
                               "windows": len(report.windows)}  # fmt: skip
     if dry_run:
         found = resolve_target(report, bridge.config.current(), bridge)
-        writes, waiting = plan_writes(report, found, message_id, now)
+        writes, waiting = plan_writes(
+            report, found, message_id, now, bridge.settings.invoice_grace
+        )
         return answer | {"outcome": "dry_run", "kind": found.kind, "waiting": waiting,
-                         "writes": [write_facts(found, w) for w in writes]}  # fmt: skip
-    first_seen, done = bridge.ledger.begin(message_id, digest)
-    if done:
-        return answer | {"outcome": "already_written"}
+                         "writes": [write_facts(found, w) for w in writes if not w.refusal],
+                         "refused": [w.refusal for w in writes if w.refusal]}  # fmt: skip
+    first_seen, written_as = bridge.ledger.begin(message_id)
     message = Message(message_id, digest, first_seen)
     accepted: list[Write] = []
     target: Target | None = None
@@ -1675,7 +1810,13 @@ def process_event(
     try:
         target = resolve_target(report, bridge.config.current(), bridge)
         facts["kind"] = answer["kind"] = target.kind
-        writes, waiting = plan_writes(report, target, message_id, now)
+        message = Message(message_id, placed_digest(digest, bridge.settings, target), first_seen)
+        if message.digest == written_as:
+            flushed = True  # nothing new to remember
+            return answer | {"outcome": "already_written"}
+        writes, waiting = plan_writes(
+            report, target, message_id, now, bridge.settings.invoice_grace
+        )
         # Deciding what to send, sending and recording it under one lock keeps a newer report
         # for the same windows, waiting in this worker, from being undone by this one.
         with one_writer(target.stripe_object):
@@ -1699,6 +1840,19 @@ def process_event(
             waiting=waiting,
         )
     return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
+
+
+def placed_digest(body_digest: str, settings: Settings, target: Target) -> str:
+    """What "already written" means: this body, to these Stripe objects, in this Stripe account.
+
+    A resend after a mapping fix, or after switching from a test key to a live one, goes to
+    another place and is written again. The account is told by a hash of the API key, mixed into
+    the digest (the key is never stored, not even hashed alone): it needs no extra call and no
+    permission to read the account, and a rotated key of the same account only costs one
+    rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter's identifier).
+    """
+    place = "\n".join([body_digest, settings.stripe_api_key, target.kind, target.stripe_object])
+    return hashlib.sha256(place.encode()).hexdigest()
 
 
 def warn_skipped(superseded: int, kept: int) -> None:
