@@ -30,7 +30,7 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import (
     ROUND_CEILING,
@@ -122,6 +122,10 @@ class StripeRefused(BridgeError):
 
 class StripeUnavailable(BridgeError):
     status, code = 503, "stripe_unavailable"
+
+
+class SharedCustomer(BridgeError):
+    status, code = 422, "shared_customer"
 
 
 class WindowsWaiting(BridgeError):
@@ -223,6 +227,17 @@ class Settings:
     state_path: str | None = "state/bridge.sqlite3"
     time_budget: float = 12.0
     invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
+
+    @property
+    def account(self) -> str:
+        """Which Stripe account the key opens, as the ledger records it: a hash, never the key.
+
+        A hash needs no call and no permission to read the account (restricted keys may lack
+        it). A rotated key of the same account looks like another account: that costs one
+        rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter identifier).
+        """
+        digest = hashlib.sha256(b"stripe-account\n" + self.stripe_api_key.encode())
+        return digest.hexdigest()[:24]
 
 
 def settings_from_env(
@@ -916,7 +931,7 @@ class Item:
     period_end: float = math.inf
 
 
-# Subscription statuses that bill nothing more (the status enum of Stripe's spec, 2026-09-30.endive).
+# Subscription statuses that bill nothing more (of the status enum in Stripe's spec, endive).
 ENDED_STATUSES = ("canceled", "incomplete_expired")
 
 
@@ -970,6 +985,7 @@ class Target:
     item: Item
     mapping: MeterMapping
     meter: Meter | None
+    account: str = ""  # a fingerprint of the Stripe account's key (Settings.account)
 
     @property
     def kind(self) -> str:
@@ -982,6 +998,11 @@ class Target:
         if self.meter:
             return f"{self.subscription.customer}/{self.meter.id}"
         return self.item.id
+
+    @property
+    def place(self) -> str:
+        """Where the writes land: the Stripe object, in this account; the ledger's unit."""
+        return f"{self.account}/{self.kind}/{self.stripe_object}"
 
     @property
     def raw_meter(self) -> bool:
@@ -1040,6 +1061,12 @@ class Cache(Generic[V]):
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
         return value
+
+    def peek(self, key: str) -> V | None:
+        """The cached object if fresh, without fetching it."""
+        with self._lock:
+            fetched_at, value = self._entries.get(key, (-math.inf, None))
+            return value if self._clock() - fetched_at < self._ttl else None
 
     def forget(self, key: str) -> None:
         """Drops an object that Stripe says has changed."""
@@ -1124,6 +1151,7 @@ def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
             mapping.price in found.items and found.items[mapping.price].period_end > time.time()
         ),
     )
+    bridge.customers.setdefault(subscription.customer, set()).add(subscription.id)
     item = subscription.items.get(mapping.price)
     if item is None:
         raise StripeRefused(
@@ -1148,7 +1176,35 @@ def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
                 "Reactivate the meter in Stripe; Svix retries for about a day.",
                 meter=meter.id,
             )
-    return Target(subscription, item, mapping, meter)
+        check_shared_customer(report.subject, subscription, meter, config, bridge)
+    return Target(subscription, item, mapping, meter, bridge.settings.account)
+
+
+def check_shared_customer(
+    subject: str, subscription: Subscription, meter: Meter, config: Config, bridge: Bridge
+) -> None:
+    """Refuses a meter that another subject's subscription also bills for the same customer.
+
+    Meter events carry only the customer: two subjects billed to one customer and one meter would
+    overwrite each other's buckets (pre-aggregated) or be deduplicated against each other (raw).
+    Only what the cache holds is known here; `check-config --online` checks every subject.
+    """
+    for other_id in bridge.customers.get(subscription.customer, set()) - {subscription.id}:
+        other = bridge.subscriptions.peek(other_id)
+        if other is None or not any(i.meter == meter.id for i in other.items.values()):
+            continue
+        others = [name for name, sub in config.subjects.items() if sub == other_id]
+        if others:
+            raise SharedCustomer(
+                f"subjects {subject!r} ({subscription.id}) and {others[0]!r} ({other_id}) bill "
+                f"the same customer {subscription.customer} on meter {meter.id}: their meter "
+                "events would overwrite or cancel each other",
+                "Bill the two subjects to different customers, or report them as one subject "
+                "from OpenMeter; Svix retries for about a day.",
+                subjects=sorted([subject, others[0]]),
+                customer=subscription.customer,
+                meter=meter.id,
+            )
 
 
 # --- planning: what each window becomes in Stripe --------------------------------------------
@@ -1448,18 +1504,20 @@ class Ledger:
             return float(row[0]), str(row[1]) if row[2] else None
 
         self._expire()
-        return self._run((time.time(), None), work)
+        never: tuple[float, str | None] = (time.time(), None)
+        return self._run(never, work)
 
     def pending(
         self, writes: Sequence[Write], target: Target, message: Message
     ) -> tuple[list[Write], int, int]:
         """The writes still to make; how many a later message superseded; how many another kept."""
-        stripe_object = target.stripe_object
+        stripe_object = target.place  # the same object in another account is another object
 
         def work(db: sqlite3.Connection) -> tuple[list[Write], int, int]:
             todo, superseded, kept = [], 0, 0
             for write in writes:
-                if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
+                written = (f"{stripe_object} {write.key}",)
+                if db.execute("SELECT 1 FROM writes WHERE key = ?", written).fetchone():
                     # Only a raw meter's keys are shared between messages (one event per window).
                     kept += target.raw_meter and bool(db.execute(
                         "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?",
@@ -1483,6 +1541,8 @@ class Ledger:
     ) -> None:
         """Remembers, in one transaction, the message and the writes Stripe accepted for it."""
 
+        place = target and target.place
+
         def work(db: sqlite3.Connection) -> None:
             now = time.time()
             db.execute("BEGIN IMMEDIATE")
@@ -1494,14 +1554,15 @@ class Ledger:
                     (message.id, message.digest, message.first_seen, int(done)),
                 )
                 db.executemany(
-                    "INSERT OR REPLACE INTO writes VALUES (?, ?)", [(w.key, now) for w in accepted]
+                    "INSERT OR REPLACE INTO writes VALUES (?, ?)",
+                    [(f"{place} {w.key}", now) for w in accepted],
                 )
                 db.executemany(
                     "INSERT INTO windows VALUES (?, ?, ?, ?, ?) ON CONFLICT (object, timestamp) "
                     "DO UPDATE SET first_seen = excluded.first_seen, message = excluded.message, "
                     "at = excluded.at WHERE excluded.first_seen >= windows.first_seen",
-                    [(target and target.stripe_object, w.timestamp, message.first_seen,
-                      message.id, now) for w in accepted],
+                    [(place, w.timestamp, message.first_seen, message.id, now)
+                     for w in accepted],
                 )  # fmt: skip
                 db.execute("COMMIT")
             except BaseException:
@@ -1715,6 +1776,8 @@ class Bridge:
     meters: Cache[Meter]
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+    # customer -> the subscriptions seen billing it: enough to find two subjects on one customer
+    customers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def make_bridge(
@@ -1783,9 +1846,7 @@ def process_event(
                               "windows": len(report.windows)}  # fmt: skip
     if dry_run:
         found = resolve_target(report, bridge.config.current(), bridge)
-        writes, waiting = plan_writes(
-            report, found, message_id, now, bridge.settings.invoice_grace
-        )
+        writes, waiting = plan_writes(report, found, message_id, now, bridge.settings.invoice_grace)
         return answer | {"outcome": "dry_run", "kind": found.kind, "waiting": waiting,
                          "writes": [write_facts(found, w) for w in writes if not w.refusal],
                          "refused": [w.refusal for w in writes if w.refusal]}  # fmt: skip
@@ -1810,7 +1871,7 @@ def process_event(
     try:
         target = resolve_target(report, bridge.config.current(), bridge)
         facts["kind"] = answer["kind"] = target.kind
-        message = Message(message_id, placed_digest(digest, bridge.settings, target), first_seen)
+        message = Message(message_id, placed_digest(digest, target), first_seen)
         if message.digest == written_as:
             flushed = True  # nothing new to remember
             return answer | {"outcome": "already_written"}
@@ -1842,17 +1903,13 @@ def process_event(
     return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
 
 
-def placed_digest(body_digest: str, settings: Settings, target: Target) -> str:
+def placed_digest(body_digest: str, target: Target) -> str:
     """What "already written" means: this body, to these Stripe objects, in this Stripe account.
 
     A resend after a mapping fix, or after switching from a test key to a live one, goes to
-    another place and is written again. The account is told by a hash of the API key, mixed into
-    the digest (the key is never stored, not even hashed alone): it needs no extra call and no
-    permission to read the account, and a rotated key of the same account only costs one
-    rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter's identifier).
+    another place, so it is written again.
     """
-    place = "\n".join([body_digest, settings.stripe_api_key, target.kind, target.stripe_object])
-    return hashlib.sha256(place.encode()).hexdigest()
+    return hashlib.sha256(f"{body_digest}\n{target.place}".encode()).hexdigest()
 
 
 def warn_skipped(superseded: int, kept: int) -> None:
@@ -2020,6 +2077,8 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
     rows: list[tuple[str, str, str]] = []
     meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
+    meter_of_price: dict[str, str] = {}
+    found: dict[str, Subscription] = {}  # subject -> its subscription
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
         try:
@@ -2043,6 +2102,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 f"{mapping.price}: meter events to {meter.id} ({meter.event_name}, "
                 f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
             )
+            meter_of_price[mapping.price] = meter.id
             if (other := meter_users.setdefault(meter.id, entry)) != entry:
                 rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
                 continue
@@ -2060,6 +2120,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         except BridgeError as error:
             rows.append((entry, "problem", f"{subscription_id}: {error.message}"))
             continue
+        found[subject] = subscription
         missing = sorted(
             m.price for m in config.meters.values() if m.price not in subscription.items
         )
@@ -2077,6 +2138,28 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                     f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
                 )
             )
+    return rows + shared_customer_rows(found, meter_of_price)
+
+
+def shared_customer_rows(
+    found: Mapping[str, Subscription], meter_of_price: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """A problem for each subject whose customer and meter an earlier subject already bills."""
+    rows: list[tuple[str, str, str]] = []
+    first: dict[tuple[str, str], str] = {}  # (customer, meter) -> the first subject on it
+    for subject, subscription in found.items():
+        for price in subscription.items:
+            if (meter := meter_of_price.get(price)) is None:
+                continue
+            other = first.setdefault((subscription.customer, meter), subject)
+            if other != subject:
+                rows.append((
+                    f"subjects.{subject}",
+                    "problem",
+                    f"{subscription.id} bills customer {subscription.customer} on meter {meter}, "
+                    f"as subjects.{other} ({found[other].id}) does: meter events are per "
+                    "customer, so the two would overwrite or cancel each other",
+                ))  # fmt: skip
     return rows
 
 
