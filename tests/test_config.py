@@ -99,6 +99,8 @@ GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
         ({"TIME_BUDGET_SECONDS": "13"}, "TIME_BUDGET_SECONDS must be between 1 and 12"),
+        ({"INVOICE_GRACE_SECONDS": "259201"}, "INVOICE_GRACE_SECONDS must be 0-259200"),
+        ({"INVOICE_GRACE_SECONDS": "1h"}, "INVOICE_GRACE_SECONDS must be 0-259200"),
         ({"PORT": "80\u00b2"}, "PORT"),
         ({"TRUSTED_PROXIES": "\u0661"}, "TRUSTED_PROXIES"),
         ({"HTTPS_PROXY": "proxy.corp:3128"}, "HTTPS_PROXY must be http://"),
@@ -112,6 +114,11 @@ def test_bad_environment_names_the_variable(changes: dict[str, str], expected: s
     message = str(caught.value)
     assert expected in message
     assert "pk_test_abc" not in message and "%%%" not in message
+
+
+def test_invoice_grace_defaults_to_stripes_hour_and_takes_up_to_72_hours() -> None:
+    assert settings_from_env(GOOD_ENV).invoice_grace == 3600
+    assert settings_from_env(GOOD_ENV | {"INVOICE_GRACE_SECONDS": "259200"}).invoice_grace == 259200
 
 
 def test_rotation_takes_several_secrets() -> None:
