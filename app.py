@@ -1297,11 +1297,11 @@ def window_timestamp(window: Window) -> int:
 def check_not_ended(report: Report, target: Target) -> None:
     """Refuses usage for a subscription that has ended: Stripe would bill none of it."""
     subscription = target.subscription
-    final_end = subscription.final_end(target.item)
     if subscription.ended:
-        ended = datetime.fromtimestamp(min(final_end, time.time()), UTC).isoformat()
+        ended_at = subscription.ended_at
+        when = f" at {datetime.fromtimestamp(ended_at, UTC).isoformat()}" if ended_at else ""
         raise StripeRefused(
-            f"subscription {subscription.id} ended ({subscription.status}, {ended}): Stripe "
+            f"subscription {subscription.id} has ended ({subscription.status}{when}): Stripe "
             f"bills none of the report's {len(report.windows)} windows",
             "Bill this usage by hand if it matters, or map the subject to its new subscription "
             "in config.yaml; Svix retries for about a day.",
@@ -1511,22 +1511,22 @@ class Ledger:
         self, writes: Sequence[Write], target: Target, message: Message
     ) -> tuple[list[Write], int, int]:
         """The writes still to make; how many a later message superseded; how many another kept."""
-        stripe_object = target.place  # the same object in another account is another object
+        place = target.place  # the same object in another account is another object
 
         def work(db: sqlite3.Connection) -> tuple[list[Write], int, int]:
             todo, superseded, kept = [], 0, 0
             for write in writes:
-                written = (f"{stripe_object} {write.key}",)
+                written = (f"{place} {write.key}",)
                 if db.execute("SELECT 1 FROM writes WHERE key = ?", written).fetchone():
                     # Only a raw meter's keys are shared between messages (one event per window).
                     kept += target.raw_meter and bool(db.execute(
                         "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?",
-                        (stripe_object, write.timestamp, message.id),
+                        (place, write.timestamp, message.id),
                     ).fetchone())  # fmt: skip
                     continue
                 newer = db.execute(
                     "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND first_seen > ?",
-                    (stripe_object, write.timestamp, message.first_seen),
+                    (place, write.timestamp, message.first_seen),
                 ).fetchone()
                 if newer:
                     superseded += 1
