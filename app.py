@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import sqlite3
 import ssl
 import sys
@@ -68,6 +69,11 @@ STRIPE_READ_TIMEOUT = 8.0
 STRIPE_MAX_ATTEMPTS = 3
 CACHE_TTL_SECONDS = 300.0
 CACHE_MAX_ENTRIES = 10_000
+# Invoices finalize 1 hour after the period ends unless the account sets up to 72 hours; until then
+# usage for the previous period is still billed (docs.stripe.com/billing/subscriptions/usage-based/
+# configure-grace-period).
+DEFAULT_INVOICE_GRACE_SECONDS = 3600
+MAX_INVOICE_GRACE_SECONDS = 72 * 3600
 
 log = logging.getLogger("bridge")
 
@@ -122,6 +128,10 @@ class StripeRefused(BridgeError):
 
 class StripeUnavailable(BridgeError):
     status, code = 503, "stripe_unavailable"
+
+
+class SharedCustomer(BridgeError):
+    status, code = 422, "shared_customer"
 
 
 class WindowsWaiting(BridgeError):
@@ -223,6 +233,18 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     state_path: str | None = "state/bridge.sqlite3"
     time_budget: float = 12.0
+    invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
+
+    @property
+    def account(self) -> str:
+        """Which Stripe account the key opens, as the ledger records it: a hash, never the key.
+
+        A hash needs no call and no permission to read the account (restricted keys may lack
+        it). A rotated key of the same account looks like another account: that costs one
+        rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter identifier).
+        """
+        digest = hashlib.sha256(b"stripe-account\n" + self.stripe_api_key.encode())
+        return digest.hexdigest()[:24]
 
 
 def settings_from_env(
@@ -253,6 +275,12 @@ def settings_from_env(
         problems.append(
             "TIME_BUDGET_SECONDS must be between 1 and 12 (Svix waits 15 s; the rest is margin)"
         )
+    grace = environ.get("INVOICE_GRACE_SECONDS", str(DEFAULT_INVOICE_GRACE_SECONDS)).strip()
+    if not (re.fullmatch(r"[0-9]{1,6}", grace) and int(grace) <= MAX_INVOICE_GRACE_SECONDS):
+        problems.append(
+            "INVOICE_GRACE_SECONDS must be 0-259200: your Stripe account's invoice finalization "
+            "grace period (Stripe's default is 3600)"
+        )
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -277,6 +305,7 @@ def settings_from_env(
         forwarded_allow_ips=allow,
         state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
         time_budget=float(budget),
+        invoice_grace=int(grace),
     )
 
 
@@ -380,13 +409,13 @@ class ConfigSource:
 
     def current(self) -> Config:
         """The newest valid config, checking the file at most once a second."""
-        due = self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS
-        if due and self._lock.acquire(blocking=False):
-            try:
-                self._checked_at = self._clock()
-                self._reload_if_changed()
-            finally:
-                self._lock.release()
+        if self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS:
+            # Requests that arrive while another thread checks wait for it (reading the file takes
+            # well under a millisecond): none answers from a config older than its second.
+            with self._lock:
+                if self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS:
+                    self._checked_at = self._clock()
+                    self._reload_if_changed()
         return self.config
 
     def watch(self) -> None:
@@ -1025,14 +1054,37 @@ class Item:
     period_end: float = math.inf
 
 
+# Subscription statuses that bill nothing more (of the status enum in Stripe's spec, endive).
+ENDED_STATUSES = ("canceled", "incomplete_expired")
+
+
 @dataclass(frozen=True)
 class Subscription:
-    """A Stripe subscription: whom it bills, and its items by price."""
+    """A Stripe subscription: whom it bills, its items by price, and whether it renews."""
 
     id: str
     customer: str
     items: Mapping[str, Item]
     status: str = "active"
+    # stripe/openapi spec3 (2026-09-30.endive), schema `subscription`: start_date and
+    # cancel_at_period_end are required; cancel_at and ended_at are nullable timestamps.
+    start_date: int = 0
+    cancel_at: int | None = None
+    cancel_at_period_end: bool = False
+    ended_at: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether it has ended: canceled, or expired before its first payment."""
+        return self.status in ENDED_STATUSES or self.ended_at is not None
+
+    def final_end(self, item: Item) -> float:
+        """When billing stops for good, if that is within the item's current period; else inf."""
+        if self.ended_at is not None:
+            return self.ended_at
+        if self.cancel_at is not None and self.cancel_at <= item.period_end:
+            return self.cancel_at
+        return item.period_end if self.cancel_at_period_end else math.inf
 
 
 @dataclass(frozen=True)
@@ -1068,6 +1120,7 @@ class Target:
     item: Item
     mapping: MeterMapping
     meter: Meter | None
+    account: str = ""  # a fingerprint of the Stripe account's key (Settings.account)
 
     @property
     def kind(self) -> str:
@@ -1080,6 +1133,11 @@ class Target:
         if self.meter:
             return f"{self.subscription.customer}/{self.meter.id}"
         return self.item.id
+
+    @property
+    def place(self) -> str:
+        """Where the writes land: the Stripe object, in this account; the ledger's unit."""
+        return f"{self.account}/{self.kind}/{self.stripe_object}"
 
     @property
     def raw_meter(self) -> bool:
@@ -1139,6 +1197,12 @@ class Cache(Generic[V]):
                 self._entries.popitem(last=False)
         return value
 
+    def peek(self, key: str) -> V | None:
+        """The cached object if fresh, without fetching it."""
+        with self._lock:
+            fetched_at, value = self._entries.get(key, (-math.inf, None))
+            return value if self._clock() - fetched_at < self._ttl else None
+
     def forget(self, key: str) -> None:
         """Drops an object that Stripe says has changed."""
         with self._lock:
@@ -1172,6 +1236,10 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
         id=subscription,
         status=found["status"],
         customer=customer if isinstance(customer, str) else customer["id"],
+        start_date=found.get("start_date") or 0,
+        cancel_at=found.get("cancel_at"),
+        cancel_at_period_end=bool(found.get("cancel_at_period_end")),
+        ended_at=found.get("ended_at"),
         items={
             item["price"]["id"]: Item(
                 id=item["id"],
@@ -1249,6 +1317,7 @@ def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
             mapping.price in found.items and found.items[mapping.price].period_end > time.time()
         ),
     )
+    bridge.customers.setdefault(subscription.customer, set()).add(subscription.id)
     item = subscription.items.get(mapping.price)
     if item is None:
         raise StripeRefused(
@@ -1276,7 +1345,35 @@ def resolve_target(report: Report, config: Config, bridge: Bridge) -> Target:
                 "Reactivate the meter in Stripe; Svix retries for about a day.",
                 meter=meter.id,
             )
-    return Target(subscription, item, mapping, meter)
+        check_shared_customer(report.subject, subscription, meter, config, bridge)
+    return Target(subscription, item, mapping, meter, bridge.settings.account)
+
+
+def check_shared_customer(
+    subject: str, subscription: Subscription, meter: Meter, config: Config, bridge: Bridge
+) -> None:
+    """Refuses a meter that another subject's subscription also bills for the same customer.
+
+    Meter events carry only the customer: two subjects billed to one customer and one meter would
+    overwrite each other's buckets (pre-aggregated) or be deduplicated against each other (raw).
+    Only what the cache holds is known here; `check-config --online` checks every subject.
+    """
+    for other_id in bridge.customers.get(subscription.customer, set()) - {subscription.id}:
+        other = bridge.subscriptions.peek(other_id)
+        if other is None or not any(i.meter == meter.id for i in other.items.values()):
+            continue
+        others = [name for name, sub in config.subjects.items() if sub == other_id]
+        if others:
+            raise SharedCustomer(
+                f"subjects {subject!r} ({subscription.id}) and {others[0]!r} ({other_id}) bill "
+                f"the same customer {subscription.customer} on meter {meter.id}: their meter "
+                "events would overwrite or cancel each other",
+                "Bill the two subjects to different customers, or report them as one subject "
+                "from OpenMeter; Svix retries for about a day.",
+                subjects=sorted([subject, others[0]]),
+                customer=subscription.customer,
+                meter=meter.id,
+            )
 
 
 # --- planning: what each window becomes in Stripe --------------------------------------------
@@ -1303,6 +1400,7 @@ class Write:
     timestamp: int
     value: str  # a whole quantity for a usage record, a decimal string for a meter event
     key: str  # the idempotency key of a usage record, the identifier of a meter event
+    refusal: dict[str, Any] | None = None  # why Stripe would bill it in no period: not sent
 
 
 def check_aggregation(report: Report, target: Target) -> None:
@@ -1349,8 +1447,10 @@ def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
 def not_yet(window: Window, target: Target, now: datetime) -> str | None:
     """Why a window must wait before it is written, if it must."""
     end = window.end.timestamp()
-    if not target.meter and window.start.timestamp() < target.item.period_end < end:
+    renews = target.subscription.final_end(target.item) == math.inf
+    if renews and window.start.timestamp() < target.item.period_end < end:
         # Written now it would land in this period, and again, in full, in the next one.
+        # (A subscription that will not renew has no next period: its last window is written now.)
         return "spans the subscription's renewal; it is billed in the new period once that begins"
     return None
 
@@ -1410,11 +1510,65 @@ def window_timestamp(window: Window) -> int:
     return math.floor(window.start.timestamp()) + 1
 
 
-def in_billing_period(window: Window, timestamp: int, item: Item) -> int:
-    """A window that a renewal splits is billed in the new period: the old one is invoiced."""
-    if window.start.timestamp() < item.period_start < window.end.timestamp():
-        return max(timestamp, item.period_start)
-    return timestamp  # wholly before the period: Stripe refuses it, and the answer says which
+def check_not_ended(report: Report, target: Target) -> None:
+    """Refuses usage for a subscription that has ended: Stripe would bill none of it."""
+    subscription = target.subscription
+    if subscription.ended:
+        ended_at = subscription.ended_at
+        when = f" at {datetime.fromtimestamp(ended_at, UTC).isoformat()}" if ended_at else ""
+        raise StripeRefused(
+            f"subscription {subscription.id} has ended ({subscription.status}{when}): Stripe "
+            f"bills none of the report's {len(report.windows)} windows",
+            "Bill this usage by hand if it matters, or map the subject to its new subscription "
+            "in config.yaml; Svix retries for about a day.",
+            subscription=subscription.id,
+            windows=[w.start.isoformat() for w in report.windows],
+        )
+
+
+def in_billing_period(
+    window: Window, timestamp: int, target: Target, now: datetime, grace: int
+) -> int:
+    """The timestamp that bills a window in the period it belongs to, or a 422 naming it.
+
+    A window that a renewal splits is billed in the new period (the old one is invoiced); one the
+    subscription's start splits, from the start; one its end splits, before the end.
+    """
+    item, subscription = target.item, target.subscription
+    start, end = window.start.timestamp(), window.end.timestamp()
+    final_end = subscription.final_end(item)
+    if start >= final_end:
+        raise _unbillable(window, f"starts after subscription {subscription.id} ends")
+    if start < subscription.start_date < end:
+        timestamp = max(timestamp, subscription.start_date)
+    if start < item.period_start < end:
+        timestamp = max(timestamp, item.period_start)
+    if start < final_end < end:
+        timestamp = min(timestamp, math.ceil(final_end) - 1)
+    if not target.meter:
+        return timestamp  # Stripe refuses a record outside the period, and says which
+    # A meter takes any event for the customer, and bills it only inside the subscription and
+    # while its period's invoice is open.
+    if end <= subscription.start_date:
+        raise _unbillable(window, f"ended before subscription {subscription.id} began")
+    if end <= item.period_start and now.timestamp() >= item.period_start + grace:
+        raise _unbillable(
+            window,
+            f"belongs to a period whose invoice finalized {grace} s after it ended "
+            "(INVOICE_GRACE_SECONDS)",
+        )
+    return timestamp
+
+
+def _unbillable(window: Window, why: str) -> StripeRefused:
+    """A 422 for a window that Stripe would take but bill in no period."""
+    return StripeRefused(
+        f"window {window.start.isoformat()}..{window.end.isoformat()} {why}: Stripe would bill "
+        "it in no period",
+        "Bill this usage by hand if it matters; if the account's invoice finalization grace "
+        "period is longer, set INVOICE_GRACE_SECONDS to it.",
+        window_start=window.start.isoformat(),
+    )
 
 
 def to_quantity(value: Decimal, mapping: MeterMapping) -> int:
@@ -1451,12 +1605,19 @@ def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> s
 
 
 def plan_writes(
-    report: Report, target: Target, message_id: str, now: datetime, made_at: datetime | None = None
+    report: Report,
+    target: Target,
+    message_id: str,
+    now: datetime,
+    *,
+    made_at: datetime | None = None,
+    grace: int = DEFAULT_INVOICE_GRACE_SECONDS,
 ) -> tuple[list[Write], list[dict[str, str]], list[dict[str, str]]]:
     """Checks a report against its target's rules and computes every write, before any is sent;
     also returns the windows that must wait (written by a later attempt) and those left out for
     good (a raw meter's windows that this report holds only in part)."""
     check_aggregation(report, target)
+    check_not_ended(report, target)
     writes, waiting, left_out = [], [], []
     for window in report.windows:
         timestamp = window_timestamp(window)
@@ -1473,11 +1634,15 @@ def plan_writes(
         if reason := not_yet(window, target, now):
             waiting.append({"window_start": window.start.isoformat(), "reason": reason})
             continue
+        try:
+            timestamp = in_billing_period(window, timestamp, target, now, grace)
+        except StripeRefused as refusal:  # the other windows are still written
+            writes.append(Write(window, timestamp, "", "", refusal=refusal.body()))
+            continue
         if target.meter:
             value = to_meter_value(usage, target.mapping)
             key = meter_event_identifier(message_id, target, timestamp)
         else:
-            timestamp = in_billing_period(window, timestamp, target.item)
             value = str(to_quantity(usage, target.mapping))
             key = idempotency_key(message_id, target.item.id, timestamp, value)
         writes.append(Write(window, timestamp, value, key))
@@ -1551,39 +1716,42 @@ class Ledger:
             log_event("ledger unavailable", logging.WARNING, path=self.path, error=str(error))
             return default
 
-    def begin(self, message_id: str, digest: str) -> tuple[float, bool]:
-        """When this message was first seen (now, if never), and whether it was fully written."""
+    def begin(self, message_id: str) -> tuple[float, str | None]:
+        """When this message was first seen (now, if never), and the digest it was fully written
+        under (None if it never was)."""
 
-        def work(db: sqlite3.Connection) -> tuple[float, bool]:
+        def work(db: sqlite3.Connection) -> tuple[float, str | None]:
             row = db.execute(
                 "SELECT first_seen, digest, done FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
             if row is None:
-                return time.time(), False
-            return float(row[0]), bool(row[2]) and row[1] == digest
+                return time.time(), None
+            return float(row[0]), str(row[1]) if row[2] else None
 
         self._expire()
-        return self._run((time.time(), False), work)
+        never: tuple[float, str | None] = (time.time(), None)
+        return self._run(never, work)
 
     def pending(
         self, writes: Sequence[Write], target: Target, message: Message
     ) -> tuple[list[Write], int, int]:
         """The writes still to make; how many a later message superseded; how many another kept."""
-        stripe_object = target.stripe_object
+        place = target.place  # the same object in another account is another object
 
         def work(db: sqlite3.Connection) -> tuple[list[Write], int, int]:
             todo, superseded, kept = [], 0, 0
             for write in writes:
-                if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
+                written = (f"{place} {write.key}",)
+                if db.execute("SELECT 1 FROM writes WHERE key = ?", written).fetchone():
                     # Only a raw meter's keys are shared between messages (one event per window).
                     kept += target.raw_meter and bool(db.execute(
                         "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?",
-                        (stripe_object, write.timestamp, message.id),
+                        (place, write.timestamp, message.id),
                     ).fetchone())  # fmt: skip
                     continue
                 newer = db.execute(
                     "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND first_seen > ?",
-                    (stripe_object, write.timestamp, message.first_seen),
+                    (place, write.timestamp, message.first_seen),
                 ).fetchone()
                 if newer:
                     superseded += 1
@@ -1598,6 +1766,8 @@ class Ledger:
     ) -> None:
         """Remembers, in one transaction, the message and the writes Stripe accepted for it."""
 
+        place = target and target.place
+
         def work(db: sqlite3.Connection) -> None:
             now = time.time()
             db.execute("BEGIN IMMEDIATE")
@@ -1609,14 +1779,15 @@ class Ledger:
                     (message.id, message.digest, message.first_seen, int(done)),
                 )
                 db.executemany(
-                    "INSERT OR REPLACE INTO writes VALUES (?, ?)", [(w.key, now) for w in accepted]
+                    "INSERT OR REPLACE INTO writes VALUES (?, ?)",
+                    [(f"{place} {w.key}", now) for w in accepted],
                 )
                 db.executemany(
                     "INSERT INTO windows VALUES (?, ?, ?, ?, ?) ON CONFLICT (object, timestamp) "
                     "DO UPDATE SET first_seen = excluded.first_seen, message = excluded.message, "
                     "at = excluded.at WHERE excluded.first_seen >= windows.first_seen",
-                    [(target and target.stripe_object, w.timestamp, message.first_seen,
-                      message.id, now) for w in accepted],
+                    [(place, w.timestamp, message.first_seen, message.id, now)
+                     for w in accepted],
                 )  # fmt: skip
                 db.execute("COMMIT")
             except BaseException:
@@ -1679,18 +1850,27 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
             "Svix will retry in a moment.",
         )
     if target.meter is None:
-        response = call_stripe(
-            "usage_record",
-            lambda: client.raw_request(
-                "post",
-                f"/v1/subscription_items/{target.item.id}/usage_records",
-                quantity=int(write.value),
-                timestamp=write.timestamp,
-                action="set",  # a repeat or a correction overwrites the window
-                stripe_version=USAGE_RECORDS_API_VERSION,
-                idempotency_key=write.key,
-            ),
-        )
+        key = write.key
+
+        def send_usage_record() -> Any:
+            """One attempt; after a 5xx the next one takes a fresh idempotency key."""
+            nonlocal key
+            try:
+                return client.raw_request(
+                    "post",
+                    f"/v1/subscription_items/{target.item.id}/usage_records",
+                    quantity=int(write.value),
+                    timestamp=write.timestamp,
+                    action="set",  # a repeat or a correction overwrites the window
+                    stripe_version=USAGE_RECORDS_API_VERSION,
+                    idempotency_key=key,
+                )
+            except stripe.APIError as error:
+                if (error.http_status or 0) >= 500:
+                    key = after_server_error(write.key)
+                raise
+
+        response = call_stripe("usage_record", send_usage_record)
         return str(response.request_id)
     meter = target.meter
     try:
@@ -1713,6 +1893,20 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
             return None
         raise
     return str(response.request_id)
+
+
+def after_server_error(key: str) -> str:
+    """A fresh idempotency key for a usage record whose last attempt Stripe answered with a 5xx.
+
+    Stripe saves "the resulting status code and body of the first request made for any given
+    idempotency key ... including 500 errors" (docs.stripe.com/api/idempotent_requests): retried
+    with the same key, one 500 would replay for 24 h and block the message and every later window
+    of its report. A `set` at the same timestamp overwrites, so writing the same quantity again
+    under a new key cannot count twice. The suffix is random, not a counter: it needs no shared
+    state (it works without the ledger, across workers), and each delivery still tries the
+    message's own key first, so a write whose answer was lost replays rather than runs again.
+    """
+    return idempotency_key(key, "after-5xx", secrets.token_hex(8))
 
 
 def _already_exists(error: stripe.InvalidRequestError) -> bool:
@@ -1748,6 +1942,9 @@ def write_report(
     refused: list[dict[str, Any]] = []
     written = 0
     for write in writes:
+        if write.refusal:
+            refused.append(write.refusal)
+            continue
         facts = write_facts(target, write)
         try:
             request_id = send_write(bridge.stripe, target, write)
@@ -1784,7 +1981,7 @@ def write_report(
         log_event("stripe write", **facts, stripe_request_id=request_id)
     if refused:
         raise StripeRefused(
-            f"Stripe refused {len(refused)} of {len(writes)} windows: {refused[0]['message']}",
+            f"{len(refused)} of {len(writes)} windows refused: {refused[0]['message']}",
             refused[0]["hint"],
             refused=refused,
         )
@@ -1807,6 +2004,8 @@ class Bridge:
     # Legacy prices read at acacia: the endive spec's POST /v1/prices/{price} cannot change
     # recurring or transform_quantity, so a cached one never goes stale.
     prices: Cache[Price] = field(default_factory=Cache)
+    # customer -> the subscriptions seen billing it: enough to find two subjects on one customer
+    customers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def make_bridge(
@@ -1882,13 +2081,14 @@ def process_event(
     check_negative(report, bridge.config.current())
     if dry_run:
         found = resolve_target(report, bridge.config.current(), bridge)
-        writes, waiting, left_out = plan_writes(report, found, message_id, now)
+        writes, waiting, left_out = plan_writes(
+            report, found, message_id, now, grace=bridge.settings.invoice_grace
+        )
         return answer | {"outcome": "dry_run", "kind": found.kind, "waiting": waiting,
                          "incomplete": left_out,
-                         "writes": [write_facts(found, w) for w in writes]}  # fmt: skip
-    first_seen, done = bridge.ledger.begin(message_id, digest)
-    if done:
-        return answer | {"outcome": "already_written"}
+                         "writes": [write_facts(found, w) for w in writes if not w.refusal],
+                         "refused": [w.refusal for w in writes if w.refusal]}  # fmt: skip
+    first_seen, written_as = bridge.ledger.begin(message_id)
     message = Message(message_id, digest, first_seen)
     # When OpenMeter made the report, as far as the bridge can know: no later than the first
     # attempt the ledger saw, nor than the Svix attempt in hand (the first one, unless retried).
@@ -1912,7 +2112,13 @@ def process_event(
     try:
         target = resolve_target(report, bridge.config.current(), bridge)
         facts["kind"] = answer["kind"] = target.kind
-        writes, waiting, left_out = plan_writes(report, target, message_id, now, made_at)
+        message = Message(message_id, placed_digest(digest, target), first_seen)
+        if message.digest == written_as:
+            flushed = True  # nothing new to remember
+            return answer | {"outcome": "already_written"}
+        writes, waiting, left_out = plan_writes(
+            report, target, message_id, now, made_at=made_at, grace=bridge.settings.invoice_grace
+        )
         if left_out:
             answer["incomplete"] = left_out
             log_event(
@@ -1944,6 +2150,15 @@ def process_event(
             waiting=waiting,
         )
     return answer | {"sent": len(pending), "skipped": len(writes) - len(pending)}
+
+
+def placed_digest(body_digest: str, target: Target) -> str:
+    """What "already written" means: this body, to these Stripe objects, in this Stripe account.
+
+    A resend after a mapping fix, or after switching from a test key to a live one, goes to
+    another place, so it is written again.
+    """
+    return hashlib.sha256(f"{body_digest}\n{target.place}".encode()).hexdigest()
 
 
 def warn_skipped(superseded: int, kept: int) -> None:
@@ -2162,6 +2377,8 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
     rows: list[tuple[str, str, str]] = []
     meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
+    meter_of_price: dict[str, str] = {}
+    found: dict[str, Subscription] = {}  # subject -> its subscription
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
         try:
@@ -2183,6 +2400,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 f"{mapping.price}: meter events to {meter.id} ({meter.event_name}, "
                 f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
             )
+            meter_of_price[mapping.price] = meter.id
             if (other := meter_users.setdefault(meter.id, entry)) != entry:
                 rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
                 continue
@@ -2200,6 +2418,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         except BridgeError as error:
             rows.append((entry, "problem", f"{subscription_id}: {error.message}"))
             continue
+        found[subject] = subscription
         missing = sorted(
             m.price for m in config.meters.values() if m.price not in subscription.items
         )
@@ -2217,6 +2436,28 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                     f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
                 )
             )
+    return rows + shared_customer_rows(found, meter_of_price)
+
+
+def shared_customer_rows(
+    found: Mapping[str, Subscription], meter_of_price: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """A problem for each subject whose customer and meter an earlier subject already bills."""
+    rows: list[tuple[str, str, str]] = []
+    first: dict[tuple[str, str], str] = {}  # (customer, meter) -> the first subject on it
+    for subject, subscription in found.items():
+        for price in subscription.items:
+            if (meter := meter_of_price.get(price)) is None:
+                continue
+            other = first.setdefault((subscription.customer, meter), subject)
+            if other != subject:
+                rows.append((
+                    f"subjects.{subject}",
+                    "problem",
+                    f"{subscription.id} bills customer {subscription.customer} on meter {meter}, "
+                    f"as subjects.{other} ({found[other].id}) does: meter events are per "
+                    "customer, so the two would overwrite or cancel each other",
+                ))  # fmt: skip
     return rows
 
 
