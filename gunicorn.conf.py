@@ -41,7 +41,10 @@ wsgi_app = "app:serve()"
 def post_worker_init(worker: object) -> None:
     """Each worker checks config.yaml every second, requests or not (threads do not survive the
     fork, so the master cannot start this for them). worker.wsgi is serve()'s Flask app."""
-    worker.wsgi.extensions["bridge"].config.watch()  # type: ignore[attr-defined]
+    # bench/floor.py's do-nothing app, served with this file too, has no config to watch.
+    bridge = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("bridge")
+    if bridge is not None:
+        bridge.config.watch()
 
 
 # BIND: where to listen, e.g. 127.0.0.1:8080 behind a proxy on the same host (docs/proxy.md);

@@ -43,13 +43,13 @@ class ConfigSource:
 
     def current(self) -> Config:
         """The newest valid config, checking the file at most once a second."""
-        due = self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS
-        if due and self._lock.acquire(blocking=False):
-            try:
-                self._checked_at = self._clock()
-                self._reload_if_changed()
-            finally:
-                self._lock.release()
+        if self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS:
+            # Requests that arrive while another thread checks wait for it (reading the file takes
+            # well under a millisecond): none answers from a config older than its second.
+            with self._lock:
+                if self._clock() - self._checked_at >= self.CHECK_EVERY_SECONDS:
+                    self._checked_at = self._clock()
+                    self._reload_if_changed()
         return self.config
 
     def watch(self) -> None:

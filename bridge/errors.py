@@ -55,6 +55,10 @@ class StripeUnavailable(BridgeError):
     status, code = 503, "stripe_unavailable"
 
 
+class SharedCustomer(BridgeError):
+    status, code = 422, "shared_customer"
+
+
 class WindowsWaiting(BridgeError):
     status, code = 503, "windows_waiting"
 

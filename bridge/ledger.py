@@ -28,6 +28,14 @@ class Message:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """What the ledger knows of a message before an attempt at it."""
+
+    first_seen: float  # when its first attempt came (now, if this is the first)
+    written_as: str | None  # the digest it was fully written under (Message.digest), if it was
+
+
+@dataclass(frozen=True)
 class Pending:
     """What the ledger says of a message's planned writes."""
 
@@ -38,9 +46,9 @@ class Pending:
 
 @dataclass(frozen=True)
 class Accepted:
-    """Writes Stripe accepted for a message, and the lock key whose windows they set."""
+    """Writes Stripe accepted for a message, and the place (Target.place) whose windows they set."""
 
-    lock_key: str
+    place: str
     writes: Sequence[Write]
 
 
@@ -99,41 +107,42 @@ class Ledger:
             log_event("ledger unavailable", logging.WARNING, path=self.path, error=str(error))
             return default
 
-    def begin(self, message_id: str, digest: str) -> tuple[float, bool]:
-        """When this message was first seen (now, if never), and whether it was fully written."""
+    def begin(self, message_id: str) -> Seen:
+        """When this message was first seen (now, if never), and what it was fully written as."""
 
-        def work(db: sqlite3.Connection) -> tuple[float, bool]:
+        def work(db: sqlite3.Connection) -> Seen:
             row = db.execute(
                 "SELECT first_seen, digest, done FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
             if row is None:
-                return time.time(), False
-            return float(row[0]), bool(row[2]) and row[1] == digest
+                return Seen(time.time(), None)
+            return Seen(float(row[0]), str(row[1]) if row[2] else None)
 
         self._expire()
-        return self._run((time.time(), False), work)
+        return self._run(Seen(time.time(), None), work)
 
     def pending(self, writes: Sequence[Write], target: Target, message: Message) -> Pending:
         """Which of a message's planned writes are still to make, and why the others are not."""
-        lock_key = target.lock_key
+        place = target.place  # the same object in another account is another object
 
         def work(db: sqlite3.Connection) -> Pending:
             todo, superseded, kept = [], 0, 0
             for write in writes:
-                if db.execute("SELECT 1 FROM writes WHERE key = ?", (write.key,)).fetchone():
+                written = (f"{place} {write.key}",)
+                if db.execute("SELECT 1 FROM writes WHERE key = ?", written).fetchone():
                     # Only a raw meter's keys are shared between messages (one event per window).
                     other = (
                         "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND message != ?"
                     )
                     if (
                         target.raw_meter
-                        and db.execute(other, (lock_key, write.timestamp, message.id)).fetchone()
+                        and db.execute(other, (place, write.timestamp, message.id)).fetchone()
                     ):
                         kept += 1
                     continue
                 newer = db.execute(
                     "SELECT 1 FROM windows WHERE object = ? AND timestamp = ? AND first_seen > ?",
-                    (lock_key, write.timestamp, message.first_seen),
+                    (place, write.timestamp, message.first_seen),
                 ).fetchone()
                 if newer:
                     superseded += 1
@@ -149,8 +158,8 @@ class Ledger:
         An attempt that failed before it wrote (accepted None) is remembered too: when a message
         was first seen decides which of two reports for the same windows wins.
         """
-        keys = [write.key for write in accepted.writes] if accepted else []
-        windows = [(accepted.lock_key, w.timestamp) for w in accepted.writes] if accepted else []
+        keys = [f"{accepted.place} {w.key}" for w in accepted.writes] if accepted else []
+        windows = [(accepted.place, w.timestamp) for w in accepted.writes] if accepted else []
 
         def work(db: sqlite3.Connection) -> None:
             now = time.time()
@@ -169,8 +178,8 @@ class Ledger:
                     "INSERT INTO windows VALUES (?, ?, ?, ?, ?) ON CONFLICT (object, timestamp) "
                     "DO UPDATE SET first_seen = excluded.first_seen, message = excluded.message, "
                     "at = excluded.at WHERE excluded.first_seen >= windows.first_seen",
-                    [(lock_key, timestamp, message.first_seen, message.id, now)
-                     for lock_key, timestamp in windows],
+                    [(place, timestamp, message.first_seen, message.id, now)
+                     for place, timestamp in windows],
                 )  # fmt: skip
                 db.execute("COMMIT")
             except BaseException:

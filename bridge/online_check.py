@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import (
     Decimal,
 )
@@ -11,13 +12,15 @@ import stripe
 from bridge.config import Config, MeterMapping
 from bridge.errors import BridgeError
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
-from bridge.stripe_objects import Price, fetch_meter, fetch_price, fetch_subscription
+from bridge.stripe_objects import Price, Subscription, fetch_meter, fetch_price, fetch_subscription
 
 
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
     """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
     rows: list[tuple[str, str, str]] = []
     meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
+    meter_of_price: dict[str, str] = {}
+    found: dict[str, Subscription] = {}  # subject -> its subscription
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
         try:
@@ -39,6 +42,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 f"{mapping.price}: meter events to {meter.id} ({meter.event_name}, "
                 f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
             )
+            meter_of_price[mapping.price] = meter.id
             if (other := meter_users.setdefault(meter.id, entry)) != entry:
                 rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
                 continue
@@ -56,6 +60,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         except BridgeError as error:
             rows.append((entry, "problem", f"{subscription_id}: {error.message}"))
             continue
+        found[subject] = subscription
         missing = sorted(
             m.price for m in config.meters.values() if m.price not in subscription.items
         )
@@ -73,6 +78,28 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                     f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
                 )
             )
+    return rows + shared_customer_rows(found, meter_of_price)
+
+
+def shared_customer_rows(
+    found: Mapping[str, Subscription], meter_of_price: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """A problem for each subject whose customer and meter an earlier subject already bills."""
+    rows: list[tuple[str, str, str]] = []
+    first: dict[tuple[str, str], str] = {}  # (customer, meter) -> the first subject on it
+    for subject, subscription in found.items():
+        for price in subscription.items:
+            if (meter := meter_of_price.get(price)) is None:
+                continue
+            other = first.setdefault((subscription.customer, meter), subject)
+            if other != subject:
+                rows.append((
+                    f"subjects.{subject}",
+                    "problem",
+                    f"{subscription.id} bills customer {subscription.customer} on meter {meter}, "
+                    f"as subjects.{other} ({found[other].id}) does: meter events are per "
+                    "customer, so the two would overwrite or cancel each other",
+                ))  # fmt: skip
     return rows
 
 

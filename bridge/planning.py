@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from bridge.errors import BadRequest, StripeRefused
 from bridge.quantities import MeterValue, Quantity, denoised, to_meter_value, to_quantity
 from bridge.report import Report, Window, incomplete
-from bridge.stripe_objects import Item, Meter
+from bridge.settings import DEFAULT_INVOICE_GRACE_SECONDS
+from bridge.stripe_objects import Meter
 from bridge.targets import Target
 
 # OpenMeter aggregation -> the Stripe aggregations (legacy aggregate_usage, or a meter's formula)
@@ -37,11 +39,12 @@ class Write:
 
 @dataclass(frozen=True)
 class Plan:
-    """A report's windows: written now, left for a later attempt, or left out for good."""
+    """A report's windows: written now, left for a later attempt, left out, or refused."""
 
     writes: list[Write]
     waiting: list[dict[str, str]]  # {window_start, reason}: a later attempt writes them
     left_out: list[dict[str, str]]  # {window_start, reason}: a raw meter's partial windows
+    refused: list[dict[str, Any]]  # the 422 bodies of windows Stripe would bill in no period
 
 
 def check_aggregation(report: Report, target: Target) -> None:
@@ -88,8 +91,10 @@ def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
 def not_yet(window: Window, target: Target, now: datetime) -> str | None:
     """Why a window must wait before it is written, if it must."""
     end = window.end.timestamp()
-    if not target.meter and window.start.timestamp() < target.item.period_end < end:
+    renews = target.subscription.final_end(target.item) == math.inf
+    if renews and window.start.timestamp() < target.item.period_end < end:
         # Written now it would land in this period, and again, in full, in the next one.
+        # (A subscription that will not renew has no next period: its last window is written now.)
         return "spans the subscription's renewal; it is billed in the new period once that begins"
     return None
 
@@ -99,11 +104,65 @@ def window_timestamp(window: Window) -> int:
     return math.floor(window.start.timestamp()) + 1
 
 
-def in_billing_period(window: Window, timestamp: int, item: Item) -> int:
-    """A window that a renewal splits is billed in the new period: the old one is invoiced."""
-    if window.start.timestamp() < item.period_start < window.end.timestamp():
-        return max(timestamp, item.period_start)
-    return timestamp  # wholly before the period: Stripe refuses it, and the answer says which
+def check_not_ended(report: Report, target: Target) -> None:
+    """Refuses usage for a subscription that has ended: Stripe would bill none of it."""
+    subscription = target.subscription
+    if subscription.ended:
+        ended_at = subscription.ended_at
+        when = f" at {datetime.fromtimestamp(ended_at, UTC).isoformat()}" if ended_at else ""
+        raise StripeRefused(
+            f"subscription {subscription.id} has ended ({subscription.status}{when}): Stripe "
+            f"bills none of the report's {len(report.windows)} windows",
+            "Bill this usage by hand if it matters, or map the subject to its new subscription "
+            "in config.yaml; Svix retries for about a day.",
+            subscription=subscription.id,
+            windows=[w.start.isoformat() for w in report.windows],
+        )
+
+
+def in_billing_period(
+    window: Window, timestamp: int, target: Target, now: datetime, grace: int
+) -> int:
+    """The timestamp that bills a window in the period it belongs to, or a 422 naming it.
+
+    A window that a renewal splits is billed in the new period (the old one is invoiced); one the
+    subscription's start splits, from the start; one its end splits, before the end.
+    """
+    item, subscription = target.item, target.subscription
+    start, end = window.start.timestamp(), window.end.timestamp()
+    final_end = subscription.final_end(item)
+    if start >= final_end:
+        raise _unbillable(window, f"starts after subscription {subscription.id} ends")
+    if start < subscription.start_date < end:
+        timestamp = max(timestamp, subscription.start_date)
+    if start < item.period_start < end:
+        timestamp = max(timestamp, item.period_start)
+    if start < final_end < end:
+        timestamp = min(timestamp, math.ceil(final_end) - 1)
+    if not target.meter:
+        return timestamp  # Stripe refuses a record outside the period, and says which
+    # A meter takes any event for the customer, and bills it only inside the subscription and
+    # while its period's invoice is open.
+    if end <= subscription.start_date:
+        raise _unbillable(window, f"ended before subscription {subscription.id} began")
+    if end <= item.period_start and now.timestamp() >= item.period_start + grace:
+        raise _unbillable(
+            window,
+            f"belongs to a period whose invoice finalized {grace} s after it ended "
+            "(INVOICE_GRACE_SECONDS)",
+        )
+    return timestamp
+
+
+def _unbillable(window: Window, why: str) -> StripeRefused:
+    """A 422 for a window that Stripe would take but bill in no period."""
+    return StripeRefused(
+        f"window {window.start.isoformat()}..{window.end.isoformat()} {why}: Stripe would bill "
+        "it in no period",
+        "Bill this usage by hand if it matters; if the account's invoice finalization grace "
+        "period is longer, set INVOICE_GRACE_SECONDS to it.",
+        window_start=window.start.isoformat(),
+    )
 
 
 def idempotency_key(message_id: str, *meaning: object) -> str:
@@ -126,15 +185,21 @@ def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> s
 
 
 def plan_writes(
-    report: Report, target: Target, message_id: str, now: datetime, made_at: datetime | None = None
+    report: Report,
+    target: Target,
+    message_id: str,
+    now: datetime,
+    *,
+    made_at: datetime | None = None,
+    grace: int = DEFAULT_INVOICE_GRACE_SECONDS,
 ) -> Plan:
     """Checks a report against its target's rules and computes every write, before any is sent;
-    also returns the windows that must wait (written by a later attempt) and those left out for
-    good (a raw meter's windows that this report holds only in part)."""
+    also sorts out the windows that must wait (written by a later attempt), those left out for
+    good (a raw meter's windows that this report holds only in part), and those Stripe would bill
+    in no period (refused, while the others are still written)."""
     check_aggregation(report, target)
-    writes: list[Write] = []
-    waiting: list[dict[str, str]] = []
-    left_out: list[dict[str, str]] = []
+    check_not_ended(report, target)
+    plan = Plan(writes=[], waiting=[], left_out=[], refused=[])
     for window in report.windows:
         timestamp = window_timestamp(window)
         if timestamp >= window.end.timestamp():
@@ -145,18 +210,22 @@ def plan_writes(
         # A raw meter keeps a window's first event for good: a partial value would stick, and no
         # retry of this body can bring the rest. A later report carries the window in full.
         if target.raw_meter and (reason := incomplete(window, report, made_at or now)):
-            left_out.append({"window_start": window.start.isoformat(), "reason": reason})
+            plan.left_out.append({"window_start": window.start.isoformat(), "reason": reason})
             continue
         if reason := not_yet(window, target, now):
-            waiting.append({"window_start": window.start.isoformat(), "reason": reason})
+            plan.waiting.append({"window_start": window.start.isoformat(), "reason": reason})
+            continue
+        try:
+            timestamp = in_billing_period(window, timestamp, target, now, grace)
+        except StripeRefused as refusal:
+            plan.refused.append(refusal.body())
             continue
         if target.meter:
             value = to_meter_value(usage, target.mapping)
             identifier = meter_event_identifier(message_id, target, timestamp)
-            writes.append(Write(window, timestamp, value, identifier))
+            plan.writes.append(Write(window, timestamp, value, identifier))
         else:
-            timestamp = in_billing_period(window, timestamp, target.item)
             quantity = to_quantity(usage, target.mapping)
             key = idempotency_key(message_id, target.item.id, timestamp, quantity)
-            writes.append(Write(window, timestamp, quantity, key))
-    return Plan(writes, waiting, left_out)
+            plan.writes.append(Write(window, timestamp, quantity, key))
+    return plan

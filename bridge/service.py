@@ -12,17 +12,18 @@ from typing import Any
 import stripe
 from svix.webhooks import Webhook
 
+from bridge.config import Config
 from bridge.config_source import ConfigSource
 from bridge.errors import ConfigError, WindowsWaiting
 from bridge.ledger import Ledger, Message, Pending
 from bridge.logs import log_event
 from bridge.planning import plan_writes
 from bridge.quantities import check_negative
-from bridge.report import decode_json, event_type, parse_report
+from bridge.report import Report, decode_json, event_type, parse_report
 from bridge.settings import Settings, config_path, settings_from_env
 from bridge.stripe_api import make_stripe_client
 from bridge.stripe_objects import StripeCaches
-from bridge.targets import resolve_target
+from bridge.targets import Target, resolve_target
 from bridge.writing import LedgerBatch, write_facts, write_report
 
 
@@ -36,6 +37,10 @@ class Bridge:
     caches: StripeCaches
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+
+    def target(self, report: Report, config: Config) -> Target:
+        """The Stripe object that bills a report, found with this bridge's client and caches."""
+        return resolve_target(report, config, self.stripe, self.caches, self.settings.account)
 
 
 def make_bridge(
@@ -87,23 +92,28 @@ def process_event(
                               "windows": len(report.windows)}  # fmt: skip
     config = bridge.config.current()
     check_negative(report, config)
+    grace = bridge.settings.invoice_grace
     if dry_run:
-        found = resolve_target(report, config, bridge.stripe, bridge.caches)
-        plan = plan_writes(report, found, message_id, now)
+        found = bridge.target(report, config)
+        plan = plan_writes(report, found, message_id, now, grace=grace)
         return answer | {"outcome": "dry_run", "kind": found.kind, "waiting": plan.waiting,
                          "incomplete": plan.left_out,
-                         "writes": [write_facts(found, w) for w in plan.writes]}  # fmt: skip
-    first_seen, done = bridge.ledger.begin(message_id, digest)
-    if done:
-        return answer | {"outcome": "already_written"}
-    message = Message(message_id, digest, first_seen)
+                         "writes": [write_facts(found, w) for w in plan.writes],
+                         "refused": plan.refused}  # fmt: skip
+    seen = bridge.ledger.begin(message_id)
     # When OpenMeter made the report, as far as the bridge can know: no later than the first
     # attempt the ledger saw, nor than the Svix attempt in hand (the first one, unless retried).
-    made_at = datetime.fromtimestamp(min(first_seen, sent_at or first_seen), UTC)
-    with LedgerBatch(bridge.ledger, message) as batch:
-        target = resolve_target(report, config, bridge.stripe, bridge.caches)
+    made_at = datetime.fromtimestamp(min(seen.first_seen, sent_at or seen.first_seen), UTC)
+    with LedgerBatch(bridge.ledger, Message(message_id, digest, seen.first_seen)) as batch:
+        target = bridge.target(report, config)
         facts["kind"] = answer["kind"] = target.kind
-        plan = plan_writes(report, target, message_id, now, made_at)
+        message = batch.message = Message(
+            message_id, placed_digest(digest, target), seen.first_seen
+        )
+        if message.digest == seen.written_as:
+            batch.nothing_to_record()
+            return answer | {"outcome": "already_written"}
+        plan = plan_writes(report, target, message_id, now, made_at=made_at, grace=grace)
         if plan.left_out:
             answer["incomplete"] = plan.left_out
             log_event(
@@ -114,12 +124,11 @@ def process_event(
             )
         # Deciding what to send, sending and recording it under one lock keeps a newer report
         # for the same windows, waiting in this worker, from being undone by this one.
-        with batch.writing(target.lock_key, complete=not plan.waiting):
+        with batch.writing(target, complete=not plan.waiting):
             pending = bridge.ledger.pending(plan.writes, target, message)
             warn_skipped(pending)
-            write_report(
-                bridge.stripe, bridge.caches.subscriptions, target, pending.writes, batch.accepted
-            )
+            write_report(bridge.stripe, bridge.caches.subscriptions, target, pending.writes,
+                         batch.accepted, planned_refusals=plan.refused)  # fmt: skip
     sent, skipped = len(pending.writes), len(plan.writes) - len(pending.writes)
     if plan.waiting:
         raise WindowsWaiting(
@@ -130,6 +139,15 @@ def process_event(
             waiting=plan.waiting,
         )
     return answer | {"sent": sent, "skipped": skipped}
+
+
+def placed_digest(body_digest: str, target: Target) -> str:
+    """What "already written" means: this body, to these Stripe objects, in this Stripe account.
+
+    A resend after a mapping fix, or after switching from a test key to a live one, goes to
+    another place, so it is written again.
+    """
+    return hashlib.sha256(f"{body_digest}\n{target.place}".encode()).hexdigest()
 
 
 def warn_skipped(pending: Pending) -> None:

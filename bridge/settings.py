@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import hashlib
 import ipaddress
 import re
 import urllib.parse
@@ -11,6 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge.errors import ConfigError
+
+# Invoices finalize 1 hour after the period ends unless the account sets up to 72 hours; until then
+# usage for the previous period is still billed (docs.stripe.com/billing/subscriptions/usage-based/
+# configure-grace-period).
+DEFAULT_INVOICE_GRACE_SECONDS = 3600
+MAX_INVOICE_GRACE_SECONDS = 72 * 3600
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,18 @@ class Settings:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     state_path: str | None = "state/bridge.sqlite3"
     time_budget: float = 12.0
+    invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
+
+    @property
+    def account(self) -> str:
+        """Which Stripe account the key opens, as the ledger records it: a hash, never the key.
+
+        A hash needs no call and no permission to read the account (restricted keys may lack
+        it). A rotated key of the same account looks like another account: that costs one
+        rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter identifier).
+        """
+        digest = hashlib.sha256(b"stripe-account\n" + self.stripe_api_key.encode())
+        return digest.hexdigest()[:24]
 
 
 def settings_from_env(
@@ -56,6 +75,12 @@ def settings_from_env(
         problems.append(
             "TIME_BUDGET_SECONDS must be between 1 and 12 (Svix waits 15 s; the rest is margin)"
         )
+    grace = environ.get("INVOICE_GRACE_SECONDS", str(DEFAULT_INVOICE_GRACE_SECONDS)).strip()
+    if not (re.fullmatch(r"[0-9]{1,6}", grace) and int(grace) <= MAX_INVOICE_GRACE_SECONDS):
+        problems.append(
+            "INVOICE_GRACE_SECONDS must be 0-259200: your Stripe account's invoice finalization "
+            "grace period (Stripe's default is 3600)"
+        )
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -80,6 +105,7 @@ def settings_from_env(
         forwarded_allow_ips=allow,
         state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
         time_budget=float(budget),
+        invoice_grace=int(grace),
     )
 
 

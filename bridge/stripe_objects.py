@@ -34,14 +34,37 @@ class Item:
     period_end: float = math.inf
 
 
+# Subscription statuses that bill nothing more (of the status enum in Stripe's spec, endive).
+ENDED_STATUSES = ("canceled", "incomplete_expired")
+
+
 @dataclass(frozen=True)
 class Subscription:
-    """A Stripe subscription: whom it bills, and its items by price."""
+    """A Stripe subscription: whom it bills, its items by price, and whether it renews."""
 
     id: str
     customer: str
     items: Mapping[str, Item]
     status: str = "active"
+    # stripe/openapi spec3 (2026-09-30.endive), schema `subscription`: start_date and
+    # cancel_at_period_end are required; cancel_at and ended_at are nullable timestamps.
+    start_date: int = 0
+    cancel_at: int | None = None
+    cancel_at_period_end: bool = False
+    ended_at: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether it has ended: canceled, or expired before its first payment."""
+        return self.status in ENDED_STATUSES or self.ended_at is not None
+
+    def final_end(self, item: Item) -> float:
+        """When billing stops for good, if that is within the item's current period; else inf."""
+        if self.ended_at is not None:
+            return self.ended_at
+        if self.cancel_at is not None and self.cancel_at <= item.period_end:
+            return self.cancel_at
+        return item.period_end if self.cancel_at_period_end else math.inf
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,12 @@ class Cache(Generic[V]):
                 self._entries.popitem(last=False)
         return value
 
+    def peek(self, key: str) -> V | None:
+        """The cached object if fresh, without fetching it."""
+        with self._lock:
+            fetched_at, value = self._entries.get(key, (-math.inf, None))
+            return value if self._clock() - fetched_at < self._ttl else None
+
     def forget(self, key: str) -> None:
         """Drops an object that Stripe says has changed."""
         with self._lock:
@@ -110,13 +139,16 @@ class Cache(Generic[V]):
 
 @dataclass
 class StripeCaches:
-    """The Stripe objects kept between webhooks, each by its ID."""
+    """The Stripe objects kept between webhooks, each by its ID; and whom each customer's seen
+    subscriptions are."""
 
     subscriptions: Cache[Subscription] = field(default_factory=Cache)
     meters: Cache[Meter] = field(default_factory=Cache)
     # Legacy prices read at acacia: the endive spec's POST /v1/prices/{price} cannot change
     # recurring or transform_quantity, so a cached one never goes stale.
     prices: Cache[Price] = field(default_factory=Cache)
+    # customer -> the subscriptions seen billing it: enough to find two subjects on one customer
+    customers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
@@ -146,6 +178,10 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
         id=subscription,
         status=found["status"],
         customer=customer if isinstance(customer, str) else customer["id"],
+        start_date=found.get("start_date") or 0,
+        cancel_at=found.get("cancel_at"),
+        cancel_at_period_end=bool(found.get("cancel_at_period_end")),
+        ended_at=found.get("ended_at"),
         items={
             item["price"]["id"]: Item(
                 id=item["id"],

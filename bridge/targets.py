@@ -9,7 +9,7 @@ from functools import partial
 import stripe
 
 from bridge.config import Config, MeterMapping
-from bridge.errors import StripeRefused, Unmapped
+from bridge.errors import SharedCustomer, StripeRefused, Unmapped
 from bridge.report import Report
 from bridge.stripe_objects import (
     Item,
@@ -30,6 +30,7 @@ class Target:
     item: Item
     mapping: MeterMapping
     meter: Meter | None
+    account: str = ""  # a fingerprint of the Stripe account's key (Settings.account)
 
     @property
     def kind(self) -> str:
@@ -43,6 +44,11 @@ class Target:
         if self.meter:
             return f"{self.subscription.customer}/{self.meter.id}"
         return self.item.id
+
+    @property
+    def place(self) -> str:
+        """Where the writes land: the lock key's object, in this account; the ledger's unit."""
+        return f"{self.account}/{self.kind}/{self.lock_key}"
 
     @property
     def raw_meter(self) -> bool:
@@ -70,7 +76,11 @@ def find_mapping(report: Report, config: Config) -> tuple[str, MeterMapping]:
 
 
 def resolve_target(
-    report: Report, config: Config, client: stripe.StripeClient, caches: StripeCaches
+    report: Report,
+    config: Config,
+    client: stripe.StripeClient,
+    caches: StripeCaches,
+    account: str,
 ) -> Target:
     """Finds the item, and the meter if its price has one, that bill this report."""
     subscription_id, mapping = find_mapping(report, config)
@@ -82,6 +92,7 @@ def resolve_target(
             mapping.price in found.items and found.items[mapping.price].period_end > time.time()
         ),
     )
+    caches.customers.setdefault(subscription.customer, set()).add(subscription.id)
     item = subscription.items.get(mapping.price)
     if item is None:
         raise StripeRefused(
@@ -109,4 +120,32 @@ def resolve_target(
                 "Reactivate the meter in Stripe; Svix retries for about a day.",
                 meter=meter.id,
             )
-    return Target(subscription, item, mapping, meter)
+        check_shared_customer(report.subject, subscription, meter, config, caches)
+    return Target(subscription, item, mapping, meter, account)
+
+
+def check_shared_customer(
+    subject: str, subscription: Subscription, meter: Meter, config: Config, caches: StripeCaches
+) -> None:
+    """Refuses a meter that another subject's subscription also bills for the same customer.
+
+    Meter events carry only the customer: two subjects billed to one customer and one meter would
+    overwrite each other's buckets (pre-aggregated) or be deduplicated against each other (raw).
+    Only what the cache holds is known here; `check-config --online` checks every subject.
+    """
+    for other_id in caches.customers.get(subscription.customer, set()) - {subscription.id}:
+        other = caches.subscriptions.peek(other_id)
+        if other is None or not any(i.meter == meter.id for i in other.items.values()):
+            continue
+        others = [name for name, sub in config.subjects.items() if sub == other_id]
+        if others:
+            raise SharedCustomer(
+                f"subjects {subject!r} ({subscription.id}) and {others[0]!r} ({other_id}) bill "
+                f"the same customer {subscription.customer} on meter {meter.id}: their meter "
+                "events would overwrite or cancel each other",
+                "Bill the two subjects to different customers, or report them as one subject "
+                "from OpenMeter; Svix retries for about a day.",
+                subjects=sorted([subject, others[0]]),
+                customer=subscription.customer,
+                meter=meter.id,
+            )

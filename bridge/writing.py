@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,7 @@ from bridge.budget import time_left
 from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
 from bridge.ledger import Accepted, Ledger, Message
 from bridge.logs import WINDOWS_WRITTEN, log_event
-from bridge.planning import Write
+from bridge.planning import Write, idempotency_key
 from bridge.quantities import meter_value_text
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION, call_stripe, classify
 from bridge.stripe_objects import Cache, Subscription
@@ -54,7 +55,7 @@ class LedgerBatch:
     """What one attempt leaves in the ledger: the writes Stripe accepted, 50 at a time (a worker
     killed mid-report redoes at most 50), and the message itself, however the attempt ends.
 
-    Enter it around the whole attempt, and `writing(lock_key, complete)` around the writes: the
+    Enter it around the whole attempt, and `writing(target, complete)` around the writes: the
     last batch is recorded before the lock is released, so that a newer report for the same
     windows, waiting for that lock, finds them in the ledger.
     """
@@ -62,8 +63,11 @@ class LedgerBatch:
     SIZE = 50
 
     def __init__(self, ledger: Ledger, message: Message) -> None:
-        self._ledger, self._message = ledger, message
-        self._lock_key: str | None = None  # known once the target is
+        self._ledger = ledger
+        # What is recorded: process_event swaps in the digest of body and place once it knows
+        # the target.
+        self.message = message
+        self._place: str | None = None  # known once the writing starts
         self._accepted: list[Write] = []
         self._recorded = False
 
@@ -76,12 +80,16 @@ class LedgerBatch:
         if not self._recorded:
             self._record(done=False)
 
+    def nothing_to_record(self) -> None:
+        """Ends the attempt unrecorded: the ledger has the message as written already."""
+        self._recorded = True
+
     @contextmanager
-    def writing(self, lock_key: str, complete: bool) -> Iterator[None]:
-        """Holds lock_key's one writer lock around the block, and records what is left before it
-        lets go: done if the block ended normally and complete (no window waits for later)."""
-        with one_writer(lock_key):
-            self._lock_key = lock_key
+    def writing(self, target: Target, complete: bool) -> Iterator[None]:
+        """Holds the target's one writer lock around the block, and records what is left before
+        it lets go: done if the block ended normally and complete (no window waits for later)."""
+        with one_writer(target.lock_key):
+            self._place = target.place
             done = False
             try:
                 yield
@@ -98,8 +106,8 @@ class LedgerBatch:
     def _record(self, done: bool) -> None:
         """Records the message and the writes noted since the last batch."""
         writes = tuple(self._accepted)
-        accepted = Accepted(self._lock_key, writes) if self._lock_key else None
-        self._ledger.record(self._message, done, accepted)
+        accepted = Accepted(self._place, writes) if self._place else None
+        self._ledger.record(self.message, done, accepted)
         self._accepted.clear()
         self._recorded = True
 
@@ -112,18 +120,27 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
             "Svix will retry in a moment.",
         )
     if target.meter is None:
-        response = call_stripe(
-            "usage_record",
-            lambda: client.raw_request(
-                "post",
-                f"/v1/subscription_items/{target.item.id}/usage_records",
-                quantity=write.value,
-                timestamp=write.timestamp,
-                action="set",  # a repeat or a correction overwrites the window
-                stripe_version=USAGE_RECORDS_API_VERSION,
-                idempotency_key=write.key,
-            ),
-        )
+        key = write.key
+
+        def send_usage_record() -> Any:
+            """One attempt; after a 5xx the next one takes a fresh idempotency key."""
+            nonlocal key
+            try:
+                return client.raw_request(
+                    "post",
+                    f"/v1/subscription_items/{target.item.id}/usage_records",
+                    quantity=write.value,
+                    timestamp=write.timestamp,
+                    action="set",  # a repeat or a correction overwrites the window
+                    stripe_version=USAGE_RECORDS_API_VERSION,
+                    idempotency_key=key,
+                )
+            except stripe.APIError as error:
+                if (error.http_status or 0) >= 500:
+                    key = after_server_error(write.key)
+                raise
+
+        response = call_stripe("usage_record", send_usage_record)
         return str(response.request_id)
     meter = target.meter
     try:
@@ -146,6 +163,20 @@ def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str
             return None
         raise
     return str(response.request_id)
+
+
+def after_server_error(key: str) -> str:
+    """A fresh idempotency key for a usage record whose last attempt Stripe answered with a 5xx.
+
+    Stripe saves "the resulting status code and body of the first request made for any given
+    idempotency key ... including 500 errors" (docs.stripe.com/api/idempotent_requests): retried
+    with the same key, one 500 would replay for 24 h and block the message and every later window
+    of its report. A `set` at the same timestamp overwrites, so writing the same quantity again
+    under a new key cannot count twice. The suffix is random, not a counter: it needs no shared
+    state (it works without the ledger, across workers), and each delivery still tries the
+    message's own key first, so a write whose answer was lost replays rather than runs again.
+    """
+    return idempotency_key(key, "after-5xx", secrets.token_hex(8))
 
 
 def _already_exists(error: stripe.InvalidRequestError) -> bool:
@@ -180,9 +211,15 @@ def write_report(
     target: Target,
     writes: Sequence[Write],
     on_accepted: Callable[[Write], None],
+    *,
+    planned_refusals: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """Sends every window in order; a refused window does not keep the others from Stripe."""
-    refused: list[dict[str, Any]] = []
+    """Sends every window in order; a refused window does not keep the others from Stripe.
+
+    planned_refusals: windows the plan refused (Stripe would bill them in no period), answered
+    together with any Stripe refuses, once the others are written.
+    """
+    refused = list(planned_refusals)
     written = 0
     for write in writes:
         facts = write_facts(target, write)
@@ -221,7 +258,8 @@ def write_report(
         log_event("stripe write", **facts, stripe_request_id=request_id)
     if refused:
         raise StripeRefused(
-            f"Stripe refused {len(refused)} of {len(writes)} windows: {refused[0]['message']}",
+            f"{len(refused)} of {len(writes) + len(planned_refusals)} windows refused: "
+            f"{refused[0]['message']}",
             refused[0]["hint"],
             refused=refused,
         )

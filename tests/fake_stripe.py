@@ -71,11 +71,26 @@ IDEMPOTENCY_MISMATCH_MESSAGE = (
 )
 
 FAULT_KINDS = ("500", "429_lock", "429_rate", "drop", "lost_response", "late_response")
-_REFUSING_FAULTS = ("500", "429_lock", "429_rate", "drop")  # these never reach the endpoint
+# These write nothing; of them only a 500 is saved under its idempotency key (as Stripe does).
+_REFUSING_FAULTS = ("500", "429_lock", "429_rate", "drop")
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
 _FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
-_STATUSES = ("active", "trialing", "past_due", "unpaid", "canceled", "incomplete", "paused")
+_STATUSES = (  # the subscription status enum of Stripe's spec (2026-09-30.endive)
+    "active",
+    "trialing",
+    "past_due",
+    "unpaid",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "paused",
+)
+_ENDED = ("canceled", "incomplete_expired")  # statuses whose subscription bills nothing more
+# Invoices finalize 1 hour after they are created unless the account sets up to 72 hours; until
+# then usage for the previous period is still billed (docs.stripe.com/billing/subscriptions/
+# usage-based/configure-grace-period).
+DEFAULT_INVOICE_GRACE = 3_600
 T = TypeVar("T")
 
 
@@ -239,6 +254,12 @@ class _Subscription:
     period_end: int
     created: int
     items: list[str] = field(default_factory=list)
+    start_date: int = 0  # when it began (may be backdated); the first period starts here
+    cancel_at: int | None = None
+    cancel_at_period_end: bool = False
+    ended_at: int | None = None
+    # The periods already invoiced: (start, end, when their invoice finalizes).
+    invoiced: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -340,6 +361,7 @@ class FakeStripe:
     """Stripe's v1 API for customers, prices, meters, subscriptions, usage records, meter events."""
 
     lock_wait = 0.5  # how long a write waits for an object another write holds (lock_timeout)
+    invoice_grace = DEFAULT_INVOICE_GRACE  # this account's invoice finalization grace period
 
     def __init__(
         self, api_key: str = "sk_test_fake", *, now: Callable[[], float] = time.time
@@ -526,6 +548,7 @@ class FakeStripe:
         status: str = "active",
         period_start: int | None = None,
         period_end: int | None = None,
+        start_date: int | None = None,
     ) -> str:
         """Adds a subscription (and its customer if new); period default: now -30 to +30 days."""
         if status not in _STATUSES:
@@ -543,6 +566,8 @@ class FakeStripe:
                 period_end=now + 30 * DAY if period_end is None else period_end,
                 created=now,
             )
+            found = self._subscriptions[subscription]
+            found.start_date = found.period_start if start_date is None else start_date
             for price in prices:
                 self.add_item(subscription, price)
         return subscription
@@ -551,7 +576,35 @@ class FakeStripe:
         """Starts a subscription's next billing period where the current one ends."""
         with self._lock:
             found = self._subscriptions[subscription]
-            found.period_start, found.period_end = found.period_end, period_end
+            ended = found.period_end
+            found.invoiced.append((found.period_start, ended, ended + self.invoice_grace))
+            found.period_start, found.period_end = ended, period_end
+
+    def reset_billing_cycle(self, subscription: str, period_end: int) -> None:
+        """An update with billing_cycle_anchor=now: the period is invoiced now, a new one begins."""
+        with self._lock:
+            found = self._subscriptions[subscription]
+            now = int(self.now())
+            found.invoiced.append((found.period_start, now, now + self.invoice_grace))
+            found.period_start, found.period_end = now, period_end
+
+    def cancel(
+        self, subscription: str, *, at_period_end: bool = False, at: int | None = None
+    ) -> None:
+        """Schedules a cancellation: at the period's end, or at a moment (`cancel_at`)."""
+        with self._lock:
+            found = self._subscriptions[subscription]
+            found.cancel_at_period_end, found.cancel_at = at_period_end, at
+
+    def end(self, subscription: str, status: str = "canceled") -> None:
+        """Ends a subscription now (canceled, or incomplete_expired); its period is invoiced."""
+        if status not in _ENDED:
+            raise ValueError(f"an ended subscription is {' or '.join(_ENDED)}, not {status!r}")
+        with self._lock:
+            found = self._subscriptions[subscription]
+            now = int(self.now())
+            found.status, found.ended_at = status, now
+            found.invoiced.append((found.period_start, now, now + self.invoice_grace))
 
     def add_item(self, subscription: str, price: str) -> str:
         """Adds a price to an existing subscription; returns the new item's id."""
@@ -616,6 +669,29 @@ class FakeStripe:
                 buckets[event.timestamp - event.timestamp % seconds].append(event)
             formula = found["default_aggregation"]["formula"]
             return {start: _aggregate(formula, events) for start, events in sorted(buckets.items())}
+
+    def unbilled_events(self) -> list[dict[str, Any]]:
+        """Events Stripe took but bills in no period: Stripe accepts meter events for any customer,
+        and bills only those inside a period of the customer's subscription whose invoice was
+        still open when the event arrived."""
+        with self._lock:
+            return [e.as_json() for e in self._events if not e.cancelled and not self._billed(e)]
+
+    def _billed(self, event: _MeterEvent) -> bool:
+        """Whether some subscription of the event's customer bills it."""
+        for subscription in self._subscriptions.values():
+            if subscription.customer != event.customer or event.timestamp < subscription.start_date:
+                continue
+            if not any(self._prices[self._items[i].price]["recurring"]["meter"] == event.meter
+                       for i in subscription.items):  # fmt: skip
+                continue
+            for start, end, finalizes in subscription.invoiced:
+                if start <= event.timestamp < end and event.received < finalizes:
+                    return True
+            current = subscription.status not in _ENDED
+            if current and subscription.period_start <= event.timestamp < subscription.period_end:
+                return True
+        return False
 
     def writes(self) -> list[RecordedRequest]:
         """POSTs that performed a write: not replays, not errors, not refused by a fault."""
@@ -740,10 +816,13 @@ class FakeStripe:
         if not _VERSION.match(version):
             raise _bad_param(f"Invalid Stripe API version: {version}", "Stripe-Version")
         fault = self._take_fault(method, path)
+        key = headers.get("idempotency-key") if method == "POST" else None
         if fault is not None and fault.kind in _REFUSING_FAULTS:
             self._pause()
-            return _fault_outcome(fault.kind)
-        key = headers.get("idempotency-key") if method == "POST" else None
+            outcome = _fault_outcome(fault.kind)
+            if outcome.saved and key is not None:
+                self._save_answer(method, path, params, key, outcome)
+            return outcome
         if key is None:
             outcome = self._perform(method, path, params, version)
         else:
@@ -801,6 +880,16 @@ class FakeStripe:
                 self._idempotency.pop(scope, None)  # the endpoint never ran: a retry runs afresh
         outcome.headers["Idempotency-Key"] = key
         return outcome
+
+    def _save_answer(
+        self, method: str, path: str, params: dict[str, Any], key: str, outcome: _Outcome
+    ) -> None:
+        """Saves an error the endpoint ended with, so that every retry with its key replays it."""
+        with self._lock:
+            entry = _Saved(method, path, params, outcome.status, outcome.body or {}, _new_id("req"))
+            if self._idempotency.setdefault((self.api_key, key), entry) is entry:
+                outcome.headers["Original-Request"] = entry.request_id
+        outcome.headers["Idempotency-Key"] = key
 
     def _replay(
         self, saved: _Saved, method: str, path: str, params: dict[str, Any], key: str
@@ -1082,16 +1171,16 @@ class FakeStripe:
             "object": "subscription",
             "automatic_tax": {"enabled": False, "liability": None, "disabled_reason": None},
             "billing_cycle_anchor": subscription.period_start,
-            "cancel_at": None,
-            "cancel_at_period_end": False,
-            "canceled_at": None,
+            "canceled_at": subscription.ended_at,
             "collection_method": "charge_automatically",
             "currency": "usd",
             "customer": subscription.customer,
-            "ended_at": None,
-            "start_date": subscription.created,
             "status": subscription.status,
             "created": subscription.created,
+            "start_date": subscription.start_date,
+            "cancel_at": subscription.cancel_at,
+            "cancel_at_period_end": subscription.cancel_at_period_end,
+            "ended_at": subscription.ended_at,
             "livemode": False,
             "metadata": {},
             "items": {
@@ -1230,14 +1319,17 @@ def _fault_outcome(kind: str) -> _Outcome:
     if kind == "drop":
         return _Outcome(0, None, fault=kind)
     if kind == "500":
-        error = StripeError(500, "An unknown error occurred", error_type="api_error", saved=False)
+        # Stripe saves "the resulting status code and body of the first request made for any given
+        # idempotency key ... including 500 errors" (docs.stripe.com/api/idempotent_requests): a
+        # 500 comes from an endpoint that began executing, so every retry with its key replays it.
+        error = StripeError(500, "An unknown error occurred", error_type="api_error")
     elif kind == "429_lock":
         retry = {"Stripe-Should-Retry": "true"}
         error = StripeError(429, LOCK_TIMEOUT_MESSAGE, code="lock_timeout", headers=retry)
     else:
         error = StripeError(429, RATE_LIMIT_MESSAGE, code="rate_limit")
     outcome = _Outcome.of(error)
-    outcome.fault, outcome.saved = kind, False
+    outcome.fault, outcome.saved = kind, kind == "500"
     return outcome
 
 

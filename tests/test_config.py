@@ -103,6 +103,8 @@ GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "70000"}, "PORT"),
         ({"TIME_BUDGET_SECONDS": "13"}, "TIME_BUDGET_SECONDS must be between 1 and 12"),
+        ({"INVOICE_GRACE_SECONDS": "259201"}, "INVOICE_GRACE_SECONDS must be 0-259200"),
+        ({"INVOICE_GRACE_SECONDS": "1h"}, "INVOICE_GRACE_SECONDS must be 0-259200"),
         ({"PORT": "80\u00b2"}, "PORT"),
         ({"TRUSTED_PROXIES": "\u0661"}, "TRUSTED_PROXIES"),
         ({"FORWARDED_ALLOW_IPS": "127.0.0.1,proxy.corp"}, "FORWARDED_ALLOW_IPS"),
@@ -135,6 +137,11 @@ def test_a_secret_shorter_than_svix_keys_is_refused_by_number(short: str) -> Non
 def test_svix_test_secret_is_exactly_24_bytes() -> None:
     assert len(base64.b64decode(SECRET.removeprefix("whsec_"))) == 24
     assert settings_from_env(GOOD_ENV).webhook_secrets == (SECRET,)
+
+
+def test_invoice_grace_defaults_to_stripes_hour_and_takes_up_to_72_hours() -> None:
+    assert settings_from_env(GOOD_ENV).invoice_grace == 3600
+    assert settings_from_env(GOOD_ENV | {"INVOICE_GRACE_SECONDS": "259200"}).invoice_grace == 259200
 
 
 def test_rotation_takes_several_secrets() -> None:

@@ -547,7 +547,13 @@ def test_refusing_faults_do_not_perform(
     assert (caught.value.headers or {}).get("stripe-should-retry") == should_retry
     assert fake.usage_total(item) == 0 and fake.writes() == []
     assert fake.faults_injected[kind] == 1
-    record_usage(client, item, 5, NOW - HOUR, key="k1")  # the key was not spent
+    if kind == "500":  # Stripe saves a 500 under its key: every retry with it replays the 500
+        with pytest.raises(stripe.APIError):
+            record_usage(client, item, 5, NOW - HOUR, key="k1")
+        assert fake.requests[-1].idempotent_replay and fake.usage_total(item) == 0
+        record_usage(client, item, 5, NOW - HOUR, key="k2")  # a fresh key writes
+    else:
+        record_usage(client, item, 5, NOW - HOUR, key="k1")  # the key was not spent
     assert fake.usage_total(item) == 5
 
 
@@ -643,3 +649,40 @@ def test_command_line_serves_until_terminated(tmp_path: Any) -> None:
     finally:
         process.terminate()
     assert process.wait(timeout=5) == 0
+
+
+# --- billing periods: what Stripe takes but never bills ----------------------------------------
+
+
+def test_subscription_shows_its_start_and_cancellation(
+    fake: FakeStripe, client: stripe.StripeClient, item: str
+) -> None:
+    found = client.v1.subscriptions.retrieve("sub_1").to_dict()
+    assert found["start_date"] == NOW - 30 * 86_400 and found["cancel_at_period_end"] is False
+    assert found["cancel_at"] is None and found["ended_at"] is None
+    fake.cancel("sub_1", at=NOW + HOUR)
+    assert client.v1.subscriptions.retrieve("sub_1").to_dict()["cancel_at"] == NOW + HOUR
+    fake.end("sub_1", "incomplete_expired")
+    ended = client.v1.subscriptions.retrieve("sub_1").to_dict()
+    assert (ended["status"], ended["ended_at"]) == ("incomplete_expired", NOW)
+
+
+def test_meter_events_outside_an_open_period_are_taken_but_unbilled(
+    fake: FakeStripe, client: stripe.StripeClient, clock: Clock, meters: None
+) -> None:
+    fake.add_price("price_tokens", aggregate_usage=None, meter="mtr_hourly")
+    renewal = NOW - 2 * HOUR
+    fake.add_subscription(
+        "sub_t", customer="cus_1", prices=["price_tokens"], period_start=renewal - 86_400,
+        period_end=renewal, start_date=renewal - 86_400,
+    )  # fmt: skip
+    fake.renew("sub_t", period_end=renewal + 30 * 86_400)
+    meter_event(client, "tokens", "1", "current", timestamp=NOW - 10)
+    meter_event(client, "tokens", "2", "late", timestamp=renewal - 10)  # invoice finalized
+    meter_event(client, "tokens", "3", "early", timestamp=renewal - 2 * 86_400)  # before start
+    assert [e["identifier"] for e in fake.unbilled_events()] == ["late", "early"]
+    fake.invoice_grace = 3 * HOUR  # an account with a longer grace period
+    fake.renew("sub_t", period_end=renewal + 60 * 86_400)  # the period just ended: its invoice
+    clock.now = renewal + 30 * 86_400 + 10  # is a draft, so late usage is still billed
+    meter_event(client, "tokens", "4", "in-grace", timestamp=renewal + 30 * 86_400 - 10)
+    assert "in-grace" not in [e["identifier"] for e in fake.unbilled_events()]

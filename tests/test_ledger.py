@@ -110,13 +110,13 @@ def test_empty_state_path_turns_the_ledger_off(
 def test_entries_expire_after_48_hours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = Ledger(str(tmp_path / "ledger.sqlite3"))
     ledger.record(Message("msg_old", "digest", time.time()), done=True)
-    seen, done = ledger.begin("msg_old", "digest")
-    assert done and abs(seen - time.time()) < 5
+    seen = ledger.begin("msg_old")
+    assert seen.written_as == "digest" and abs(seen.first_seen - time.time()) < 5
     later = time.time() + Ledger.KEEP_SECONDS + 60
     monkeypatch.setattr(time, "time", lambda: later)
     ledger._expired_at = -Ledger.EXPIRE_EVERY_SECONDS  # due now
-    first_seen, done = ledger.begin("msg_old", "digest")
-    assert not done and first_seen == later
+    seen = ledger.begin("msg_old")
+    assert seen.written_as is None and seen.first_seen == later
 
 
 def test_large_report_completes_across_attempts_and_a_killed_worker(

@@ -127,6 +127,9 @@ def test_reload_in_every_gunicorn_worker_within_five_seconds(
     edited = time.monotonic()
     wait_until(lambda: service.deliver(report([2], subject="newcomer"), "msg_live")[0] == 200, 5)
     assert time.monotonic() - edited < 5
+    # The other worker looks at the file at most once a second (and "already written" is answered
+    # only once the subject maps to the same place, so every delivery below reads the config).
+    time.sleep(max(0.0, edited + 1.5 * ConfigSource.CHECK_EVERY_SECONDS - time.monotonic()))
     # Every worker now has it: many parallel deliveries, all 200, served by both processes.
     with ThreadPoolExecutor(8) as pool:
         answers = list(
@@ -134,7 +137,7 @@ def test_reload_in_every_gunicorn_worker_within_five_seconds(
                 lambda i: service.deliver(report([2], subject="newcomer"), "msg_live"), range(24)
             )
         )
-    assert {status for status, _ in answers} == {200}
+    assert {status for status, _ in answers} == {200}, [a for a in answers if a[0] != 200][:2]
     pids = {line["pid"] for line in service.logs() if line["message"] == "webhook"}
     assert len(pids) == 2
 
@@ -142,8 +145,7 @@ def test_reload_in_every_gunicorn_worker_within_five_seconds(
 def test_idle_workers_take_a_change_within_five_seconds_without_a_request(
     service: Service, config_path: Path
 ) -> None:
-    # gunicorn spawns its workers up to 0.1 s apart: the second may not be forked yet.
-    wait_until(lambda: len(worker_pids(service.process.pid)) == 2, 5)
+    wait_until(lambda: len(worker_pids(service.process.pid)) == 2, 10)  # /healthz needs one
     workers = set(worker_pids(service.process.pid))
     replace_atomically(config_path, NEW_SUBJECT)
     edited = time.monotonic()

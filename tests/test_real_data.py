@@ -202,7 +202,8 @@ def test_a_negative_row_is_refused_even_when_its_window_sums_positive(
 
 # --- 3. rounding must not grow with the number of windows -------------------------------------
 
-# What README.md tells an operator to set on the price of the shipped fractional example.
+# What docs/windows.md ("Units and rounding") tells an operator to set on the price of the shipped
+# fractional example.
 DIVIDE_BY = 1000
 
 

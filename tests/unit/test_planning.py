@@ -3,7 +3,8 @@ or is left out."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -39,22 +40,44 @@ def test_a_window_is_written_one_second_after_it_starts() -> None:
     assert window_timestamp(half) == START + 1  # inside the window, whole seconds
 
 
+def billed_at(target: Target, hour: int, hours: int = 1, now: datetime = NOW) -> int:
+    """The timestamp in_billing_period gives the window (grace: Stripe's default hour)."""
+    placed = window(hour, hours=hours)
+    return in_billing_period(placed, window_timestamp(placed), target, now, 3600)
+
+
 def test_a_window_split_by_a_renewal_is_billed_in_the_new_period() -> None:
-    item = legacy_target().item  # its period starts at T0
-    across = window(-1, hours=2)  # 23:00 to 01:00 across T0
-    assert in_billing_period(across, window_timestamp(across), item) == START
-    inside = window(3)
-    assert in_billing_period(inside, window_timestamp(inside), item) == START + 3 * 3600 + 1
-    before = window(-2)  # wholly before: left as it is, for Stripe to refuse by name
-    assert in_billing_period(before, window_timestamp(before), item) == START - 2 * 3600 + 1
+    legacy = legacy_target()  # its period starts at T0
+    assert billed_at(legacy, -1, hours=2) == START  # 23:00 to 01:00 across T0
+    assert billed_at(legacy, 3) == START + 3 * 3600 + 1
+    # Wholly before: left as it is, for Stripe to refuse by name.
+    assert billed_at(legacy, -2) == START - 2 * 3600 + 1
+
+
+def test_a_meter_event_for_an_invoiced_period_is_refused_after_the_grace() -> None:
+    hourly = meter_target("hour")  # its period starts at T0
+    assert billed_at(hourly, -2, now=T0 + timedelta(minutes=59)) == START - 2 * 3600 + 1
+    with pytest.raises(StripeRefused, match="INVOICE_GRACE_SECONDS"):
+        billed_at(hourly, -2, now=T0 + timedelta(hours=1))
+
+
+def test_a_window_the_end_splits_is_billed_before_the_end() -> None:
+    ends = T0 + timedelta(hours=1, minutes=30)
+    target = legacy_target(period_end=ends.timestamp())
+    ending = replace(target, subscription=replace(target.subscription, cancel_at_period_end=True))
+    assert billed_at(ending, 1) == START + 3601  # 01:00:01, before 01:30
+    with pytest.raises(StripeRefused, match="starts after subscription sub_1 ends"):
+        billed_at(ending, 2)
 
 
 def test_a_legacy_window_across_the_period_end_waits_for_the_new_period() -> None:
     ends = (T0 + timedelta(hours=1, minutes=30)).timestamp()
     assert "renewal" in (not_yet(window(1), legacy_target(period_end=ends), NOW) or "")
     assert not_yet(window(0), legacy_target(period_end=ends), NOW) is None
-    # Meter events are not tied to an item's period.
-    assert not_yet(window(1), meter_target(), NOW) is None
+    # A subscription that will not renew has no next period: its last window is written now.
+    target = legacy_target(period_end=ends)
+    ending = replace(target, subscription=replace(target.subscription, cancel_at_period_end=True))
+    assert not_yet(window(1), ending, NOW) is None
 
 
 @pytest.mark.parametrize(
@@ -130,6 +153,23 @@ def test_a_raw_meter_leaves_out_what_the_report_holds_only_in_part() -> None:
     assert [entry["window_start"] for entry in plan.left_out] == [window(1).start.isoformat()]
     # A pre-aggregated meter keeps the newest event per bucket: a partial window is corrected.
     assert len(plan_writes(partial, meter_target("hour"), "m", NOW).writes) == 2
+
+
+def test_windows_after_the_end_are_refused_and_the_others_still_planned() -> None:
+    ends = T0 + timedelta(hours=1, minutes=30)
+    target = legacy_target(period_end=ends.timestamp())
+    ending = replace(target, subscription=replace(target.subscription, cancel_at_period_end=True))
+    plan = plan_writes(report(window(0), window(1), window(2)), ending, "m", NOW)
+    assert [w.window for w in plan.writes] == [window(0), window(1)]
+    assert [body["window_start"] for body in plan.refused] == [window(2).start.isoformat()]
+    assert plan.refused[0]["error"] == "stripe_refused"
+
+
+def test_an_ended_subscription_takes_no_window() -> None:
+    target = legacy_target()
+    ended = replace(target, subscription=replace(target.subscription, status="canceled"))
+    with pytest.raises(StripeRefused, match="has ended"):
+        plan_writes(report(window(0)), ended, "m", NOW)
 
 
 def test_a_window_shorter_than_two_seconds_is_refused() -> None:
