@@ -850,6 +850,7 @@ def call_stripe(operation: str, send: Callable[[], T]) -> T:
 
 def _retryable(error: stripe.StripeError) -> bool:
     """Stripe's retry rule: connection errors, 409 and 5xx, unless Stripe-Should-Retry says else."""
+    # Restated: stripe's own copy is HTTPClient._should_retry, private and tied to its retry loop.
     if isinstance(error, stripe.APIConnectionError):
         return bool(error.should_retry)
     headers = {key.lower(): value for key, value in (error.headers or {}).items()}
