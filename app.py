@@ -8,11 +8,9 @@ count twice.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextvars
 import hashlib
-import http.client
 import ipaddress
 import itertools
 import json
@@ -22,7 +20,6 @@ import os
 import re
 import secrets
 import sqlite3
-import ssl
 import sys
 import threading
 import time
@@ -43,16 +40,16 @@ from decimal import (
     InvalidOperation,
 )
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import click
+import requests
 import stripe
+import urllib3
 import yaml
 from flask import Flask, Response, jsonify, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from stripe import _api_requestor as stripe_requestor
-from stripe import _util as stripe_util
 from svix.webhooks import Webhook, WebhookVerificationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -251,7 +248,8 @@ def settings_from_env(
     environ: Mapping[str, str],
     required: Sequence[str] = ("STRIPE_API_KEY", "OPENMETER_WEBHOOK_SECRET"),
 ) -> Settings:
-    """Reads the settings, naming every missing or malformed variable (never its value)."""
+    """Reads the settings, naming every missing or malformed variable (never its value); the egress
+    proxy comes from the process environment, where the transport reads it."""
     problems = []
     api_key = environ.get("STRIPE_API_KEY", "").strip()
     if not api_key and "STRIPE_API_KEY" in required:
@@ -267,6 +265,12 @@ def settings_from_env(
     api_base = environ.get("STRIPE_API_BASE", "").strip() or None
     if api_base and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", api_base):
         problems.append("STRIPE_API_BASE must be an http(s) URL such as https://api.stripe.com")
+    elif api_base and not (api_base.startswith("https://") or _is_loopback_url(api_base)):
+        problems.append(
+            "STRIPE_API_BASE must be https:// (http:// only to localhost, 127.0.0.0/8 or ::1):"
+            " plain HTTP would carry the Stripe secret key in clear text"
+        )
+    problems.extend(proxy_problems(api_base or stripe.DEFAULT_API_BASE))
     port = environ.get("PORT", "8080").strip()
     if not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
         problems.append("PORT must be a TCP port number (1-65535)")
@@ -290,9 +294,6 @@ def settings_from_env(
         problems.append(
             "FORWARDED_ALLOW_IPS must be IP addresses or networks, comma-separated, or *"
         )
-    egress = environ.get("HTTPS_PROXY") or environ.get("https_proxy") or ""
-    if egress and not _is_http_proxy(egress):
-        problems.append("HTTPS_PROXY must be http://[user:password@]host[:port] (a CONNECT proxy)")
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -838,6 +839,10 @@ def parse_value(raw: Any, path: str) -> Decimal:
 
 # --- talking to Stripe -----------------------------------------------------------------------
 
+# Process-wide stripe settings, set once here at import. Telemetry would write an id under $HOME
+# (unwritable, or unset, in a locked-down container).
+stripe.enable_telemetry = False
+
 T = TypeVar("T")
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar("deadline", default=math.inf)
 
@@ -858,19 +863,25 @@ def time_left() -> float:
 
 
 class BudgetHTTPClient(stripe.HTTPClient):
-    """stripe's transport on the standard library: one kept-alive connection per thread, and each
-    request's timeout cut to what is left of the webhook's budget.
+    """stripe's transport over urllib3's connection pool, each request's timeout cut to what is
+    left of the webhook's budget (stripe's RequestsClient takes one timeout for every request)."""
 
-    It replaces stripe's default (requests), which costs about a millisecond of CPU more per call.
-    """
+    name = "urllib3"
 
-    name = "http.client"
-
-    def __init__(self) -> None:
+    def __init__(self, proxy: str | None = None) -> None:
         super().__init__()
-        self._tls = ssl.create_default_context(cafile=stripe.ca_bundle_path)
-        self._https_proxy = urllib.parse.urlsplit(urllib.request.getproxies().get("https", ""))
-        self._connections = threading.local()
+        # Idle connections kept per host: more than gunicorn's 16 threads a worker, so that none
+        # is closed after use for want of room (urllib3 keeps one by default).
+        options: dict[str, Any] = {"maxsize": 32, "ca_certs": stripe.ca_bundle_path}
+        self._pool: urllib3.PoolManager
+        if proxy is None:
+            self._pool = urllib3.PoolManager(**options)
+        else:
+            # As requests does: the proxy URL's user and password, percent-decoded, go in the
+            # CONNECT request's Proxy-Authorization; TLS then runs through the tunnel to Stripe.
+            user, password = requests.utils.get_auth_from_url(proxy)
+            auth = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}") if user else None
+            self._pool = urllib3.ProxyManager(proxy, proxy_headers=auth, **options)
 
     def request(  # type: ignore[override]  # bytes, as stripe's own RequestsClient returns
         self,
@@ -882,106 +893,94 @@ class BudgetHTTPClient(stripe.HTTPClient):
         _usage: list[str] | None = None,
     ) -> tuple[bytes, int, Mapping[str, str]]:
         """One HTTP exchange; a network failure is stripe's retryable APIConnectionError."""
-        target = urllib.parse.urlsplit(url)
-        connection = self._connection(target)
-        connection.timeout = min(STRIPE_READ_TIMEOUT, max(time_left(), 0.05))
-        if connection.sock:
-            connection.sock.settimeout(connection.timeout)
-        body = post_data.encode() if isinstance(post_data, str) else post_data
-        path = target.path + (f"?{target.query}" if target.query else "")
+        timeout = urllib3.Timeout(total=min(STRIPE_READ_TIMEOUT, max(time_left(), 0.05)))
         try:
-            connection.request(method.upper(), path, body, dict(headers or {}))
-            response = connection.getresponse()
-            # The headers stay an HTTPMessage: stripe looks Request-Id up case-insensitively.
-            return response.read(), response.status, cast(Mapping[str, str], response.headers)
-        except (OSError, http.client.HTTPException) as error:
-            connection.close()
-            retry = not isinstance(error, ssl.SSLCertVerificationError)
+            response = self._pool.request(
+                method.upper(),
+                url,
+                body=post_data,
+                headers=headers,
+                timeout=timeout,
+                retries=False,  # call_stripe retries
+                redirect=False,
+            )
+        except urllib3.exceptions.HTTPError as error:
+            # As stripe's RequestsClient: a certificate that does not verify is not retried.
+            retry = not isinstance(error, urllib3.exceptions.SSLError)
             message = f"Stripe unreachable: {type(error).__name__}: {error}"
             raise stripe.APIConnectionError(message, should_retry=retry) from error  # type: ignore[no-untyped-call]
-
-    def _connection(self, target: urllib.parse.SplitResult) -> http.client.HTTPConnection:
-        """This thread's connection to target's host, through HTTPS_PROXY if one is set."""
-        key = (target.scheme, target.netloc)
-        pool = self._pool()
-        if key not in pool:
-            host, port = target.hostname or "", target.port
-            connection: http.client.HTTPConnection
-            proxy = self._https_proxy
-            if target.scheme == "https" and proxy.hostname and not _bypass_proxy(host):
-                # A CONNECT tunnel through the proxy, then TLS with Stripe end to end.
-                connection = http.client.HTTPSConnection(
-                    proxy.hostname, proxy.port or 80, context=self._tls
-                )
-                connection.set_tunnel(host, port, headers=_proxy_authorization(proxy))
-            elif target.scheme == "https":
-                connection = http.client.HTTPSConnection(host, port, context=self._tls)
-            else:
-                connection = http.client.HTTPConnection(host, port)
-            pool[key] = connection
-        return pool[key]
+        # The headers stay case-insensitive: stripe looks Request-Id up in any case.
+        return response.data, response.status, response.headers
 
     def request_stream(self, *args: Any, **kwargs: Any) -> Any:
         """Streams are for file downloads, which the bridge never makes."""
         raise NotImplementedError
 
     def close(self) -> None:
-        """Closes this thread's connections."""
-        for connection in self._pool().values():
-            connection.close()
-
-    def _pool(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
-        """This thread's connections by scheme and host."""
-        if not hasattr(self._connections, "pool"):
-            self._connections.pool = {}
-        return cast(dict[tuple[str, str], http.client.HTTPConnection], self._connections.pool)
+        """Closes every pooled connection."""
+        self._pool.clear()
 
 
-def _bypass_proxy(host: str) -> bool:
-    """Whether NO_PROXY exempts host from HTTPS_PROXY."""
-    return bool(urllib.request.proxy_bypass_environment(host))  # type: ignore[attr-defined]
+def egress_proxy(url: str) -> str | None:
+    """The proxy requests would take from the process environment for url (None: direct):
+    lowercase https_proxy over HTTPS_PROXY, then all_proxy, unless NO_PROXY names the host."""
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    if not proxy:
+        return None
+    return str(requests.utils.prepend_scheme_if_needed(proxy, "http"))  # type: ignore[no-untyped-call]
 
 
-def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
-    """Basic credentials from HTTPS_PROXY's user:password, as the CONNECT request carries them."""
-    if proxy.username is None:
-        return {}
-    user = urllib.parse.unquote(proxy.username)
-    password = urllib.parse.unquote(proxy.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Proxy-Authorization": f"Basic {token}"}
+def proxy_problems(url: str) -> list[str]:
+    """What is wrong with the egress proxy the Stripe transport would take for url, read from the
+    process environment as requests reads it (whatever settings_from_env was given)."""
+    environ = os.environ
+    scheme = urllib.parse.urlsplit(url).scheme
+    for name in (scheme, "all"):
+        lower, upper = f"{name}_proxy", f"{name.upper()}_PROXY"
+        if environ.get(lower) == "" and environ.get(upper):
+            return [
+                f"{lower} is set but empty, which turns {upper} off (the lowercase one wins, as "
+                f"in curl and requests): unset {lower} to use the proxy, or {upper} to go direct"
+            ]
+    try:
+        proxy = egress_proxy(url)
+    except ValueError:  # urllib3's LocationParseError: no URL at all
+        proxy = ""
+    if proxy is not None and not _is_http_proxy(proxy):
+        return [
+            f"{scheme.upper()}_PROXY (or {scheme}_proxy, all_proxy) must be "
+            "http://[user:password@]host[:port]: a CONNECT proxy (socks and https proxies are "
+            "not supported)"
+        ]
+    return []
 
 
-def _log_if_heard(level: int, log: Callable[..., None]) -> Callable[..., None]:
-    """stripe's log function, called only when its logger or its console output would show it."""
-
-    def log_if_heard(message: str, **params: Any) -> None:
-        console = stripe_util._console_log_level()  # type: ignore[no-untyped-call]  # STRIPE_LOG
-        if console or stripe_util.logger.isEnabledFor(level):
-            log(message, **params)
-
-    return log_if_heard
+def _is_loopback_url(url: str) -> bool:
+    """Whether url's host is this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries)."""
-    # Telemetry would write an id under $HOME (unwritable, or unset, in a locked-down container).
-    stripe.enable_telemetry = False
-    # stripe formats five log lines per request (the whole answer included) before it asks whether
-    # anyone listens: about 0.2 ms of CPU a webhook. Ask first; what is logged stays the same.
-    # (The two names are stripe's internals, pinned with stripe's version in requirements.txt.)
-    stripe_requestor.log_info = _log_if_heard(logging.INFO, stripe_util.log_info)  # type: ignore[attr-defined]
-    stripe_requestor.log_debug = _log_if_heard(logging.DEBUG, stripe_util.log_debug)  # type: ignore[attr-defined]
+    api_base = settings.stripe_api_base or stripe.DEFAULT_API_BASE
     return stripe.StripeClient(
         settings.stripe_api_key,
-        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
+        base_addresses={"api": api_base},
         max_network_retries=0,
-        http_client=BudgetHTTPClient(),
+        # Every call the bridge makes goes to the API base: the proxy settings_from_env checked.
+        http_client=BudgetHTTPClient(egress_proxy(api_base)),
     )
 
 
 def call_stripe(operation: str, send: Callable[[], T]) -> T:
     """Runs one Stripe request, retrying what Stripe says is safe to retry while time is left."""
+    # stripe's own retries (max_network_retries) sleep up to 5 s whatever is left of the budget.
     for attempt in range(1, STRIPE_MAX_ATTEMPTS + 1):
         if time_left() <= 0.1:
             raise StripeUnavailable(
@@ -1002,6 +1001,7 @@ def call_stripe(operation: str, send: Callable[[], T]) -> T:
 
 def _retryable(error: stripe.StripeError) -> bool:
     """Stripe's retry rule: connection errors, 409 and 5xx, unless Stripe-Should-Retry says else."""
+    # Restated: stripe's own copy is HTTPClient._should_retry, private and tied to its retry loop.
     if isinstance(error, stripe.APIConnectionError):
         return bool(error.should_retry)
     headers = {key.lower(): value for key, value in (error.headers or {}).items()}

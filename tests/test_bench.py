@@ -23,3 +23,17 @@ def test_bench_smoke_runs_and_loses_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost / doubled windows: 0 / 0" in result.stdout
     assert "lost / doubled windows (large report): 0 / 0" in result.stdout
+
+
+def test_transport_comparison_runs_both_transports() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.transport", "--rounds", "1", "--calls", "8"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "urllib3 (BudgetHTTPClient)" in result.stdout
+    assert "requests (RequestsClient)" in result.stdout
