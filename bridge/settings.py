@@ -6,12 +6,13 @@ import binascii
 import hashlib
 import ipaddress
 import re
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import stripe
+
 from bridge.errors import ConfigError
+from bridge.transport import is_loopback_url, proxy_problems
 
 # Invoices finalize 1 hour after the period ends unless the account sets up to 72 hours; until then
 # usage for the previous period is still billed (docs.stripe.com/billing/subscriptions/usage-based/
@@ -51,7 +52,8 @@ def settings_from_env(
     environ: Mapping[str, str],
     required: Sequence[str] = ("STRIPE_API_KEY", "OPENMETER_WEBHOOK_SECRET"),
 ) -> Settings:
-    """Reads the settings, naming every missing or malformed variable (never its value)."""
+    """Reads the settings, naming every missing or malformed variable (never its value); the egress
+    proxy comes from the process environment, where the transport reads it."""
     problems = []
     api_key = environ.get("STRIPE_API_KEY", "").strip()
     if not api_key and "STRIPE_API_KEY" in required:
@@ -67,6 +69,12 @@ def settings_from_env(
     api_base = environ.get("STRIPE_API_BASE", "").strip() or None
     if api_base and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", api_base):
         problems.append("STRIPE_API_BASE must be an http(s) URL such as https://api.stripe.com")
+    elif api_base and not (api_base.startswith("https://") or is_loopback_url(api_base)):
+        problems.append(
+            "STRIPE_API_BASE must be https:// (http:// only to localhost, 127.0.0.0/8 or ::1):"
+            " plain HTTP would carry the Stripe secret key in clear text"
+        )
+    problems.extend(proxy_problems(api_base or stripe.DEFAULT_API_BASE))
     port = environ.get("PORT", "8080").strip()
     if not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
         problems.append("PORT must be a TCP port number (1-65535)")
@@ -90,9 +98,6 @@ def settings_from_env(
         problems.append(
             "FORWARDED_ALLOW_IPS must be IP addresses or networks, comma-separated, or *"
         )
-    egress = environ.get("HTTPS_PROXY") or environ.get("https_proxy") or ""
-    if egress and not _is_http_proxy(egress):
-        problems.append("HTTPS_PROXY must be http://[user:password@]host[:port] (a CONNECT proxy)")
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -107,15 +112,6 @@ def settings_from_env(
         time_budget=float(budget),
         invoice_grace=int(grace),
     )
-
-
-def _is_http_proxy(url: str) -> bool:
-    """Whether url names a plain-HTTP CONNECT proxy, the only kind the Stripe transport speaks."""
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        return parts.scheme == "http" and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port that is not a number, or out of range
-        return False
 
 
 def _is_network(address: str) -> bool:

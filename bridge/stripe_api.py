@@ -2,59 +2,46 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import stripe
-from stripe import _api_requestor as stripe_requestor
-from stripe import _util as stripe_util
 
 from bridge.budget import time_left
 from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
 from bridge.logs import STRIPE_ERRORS, STRIPE_SECONDS
 from bridge.settings import Settings
-from bridge.transport import BudgetHTTPClient
+from bridge.transport import BudgetHTTPClient, egress_proxy
 
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
 # Unpinned calls go at stripe-python 16.1's 2026-10-28.endive. "endive spec" below: stripe/openapi
 # latest/openapi.spec3.json at 18fa2cc7 (2026-09-30.endive), trimmed into tests/stripe_openapi.json.
 USAGE_RECORDS_API_VERSION = "2025-02-24.acacia"
 STRIPE_MAX_ATTEMPTS = 3
+
+# Process-wide stripe settings, set once here at import. Telemetry would write an id under $HOME
+# (unwritable, or unset, in a locked-down container).
+stripe.enable_telemetry = False
+
 T = TypeVar("T")
-
-
-def _log_if_heard(level: int, log: Callable[..., None]) -> Callable[..., None]:
-    """stripe's log function, called only when its logger or its console output would show it."""
-
-    def log_if_heard(message: str, **params: Any) -> None:
-        console = stripe_util._console_log_level()  # type: ignore[no-untyped-call]  # STRIPE_LOG
-        if console or stripe_util.logger.isEnabledFor(level):
-            log(message, **params)
-
-    return log_if_heard
 
 
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:
     """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries)."""
-    # Telemetry would write an id under $HOME (unwritable, or unset, in a locked-down container).
-    stripe.enable_telemetry = False
-    # stripe formats five log lines per request (the whole answer included) before it asks whether
-    # anyone listens: about 0.2 ms of CPU a webhook. Ask first; what is logged stays the same.
-    # (The two names are stripe's internals, pinned with stripe's version in requirements.txt.)
-    stripe_requestor.log_info = _log_if_heard(logging.INFO, stripe_util.log_info)  # type: ignore[attr-defined]
-    stripe_requestor.log_debug = _log_if_heard(logging.DEBUG, stripe_util.log_debug)  # type: ignore[attr-defined]
+    api_base = settings.stripe_api_base or stripe.DEFAULT_API_BASE
     return stripe.StripeClient(
         settings.stripe_api_key,
-        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
+        base_addresses={"api": api_base},
         max_network_retries=0,
-        http_client=BudgetHTTPClient(),
+        # Every call the bridge makes goes to the API base: the proxy settings_from_env checked.
+        http_client=BudgetHTTPClient(egress_proxy(api_base)),
     )
 
 
 def call_stripe(operation: str, send: Callable[[], T]) -> T:
     """Runs one Stripe request, retrying what Stripe says is safe to retry while time is left."""
+    # stripe's own retries (max_network_retries) sleep up to 5 s whatever is left of the budget.
     for attempt in range(1, STRIPE_MAX_ATTEMPTS + 1):
         if time_left() <= 0.1:
             raise StripeUnavailable(
@@ -75,6 +62,7 @@ def call_stripe(operation: str, send: Callable[[], T]) -> T:
 
 def _retryable(error: stripe.StripeError) -> bool:
     """Stripe's retry rule: connection errors, 409 and 5xx, unless Stripe-Should-Retry says else."""
+    # Restated: stripe's own copy is HTTPClient._should_retry, private and tied to its retry loop.
     if isinstance(error, stripe.APIConnectionError):
         return bool(error.should_retry)
     headers = {key.lower(): value for key, value in (error.headers or {}).items()}

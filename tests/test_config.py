@@ -14,6 +14,7 @@ from bridge.errors import ConfigError
 from bridge.settings import settings_from_env
 from tests.conftest import API_KEY
 from tests.harness import SECRET
+from tests.tunnel import clear_proxies
 
 PROJECT = Path(__file__).parent.parent
 
@@ -108,9 +109,7 @@ GOOD_ENV = {"STRIPE_API_KEY": API_KEY, "OPENMETER_WEBHOOK_SECRET": SECRET}
         ({"PORT": "80\u00b2"}, "PORT"),
         ({"TRUSTED_PROXIES": "\u0661"}, "TRUSTED_PROXIES"),
         ({"FORWARDED_ALLOW_IPS": "127.0.0.1,proxy.corp"}, "FORWARDED_ALLOW_IPS"),
-        ({"HTTPS_PROXY": "proxy.corp:3128"}, "HTTPS_PROXY must be http://"),
-        ({"HTTPS_PROXY": "http://u:pk_test_abc@proxy:http"}, "HTTPS_PROXY must be http://"),
-        ({"https_proxy": "https://u:pk_test_abc@proxy:3128"}, "HTTPS_PROXY must be http://"),
+        ({"STRIPE_API_BASE": "http://api.stripe.com"}, "STRIPE_API_BASE must be https://"),
     ],
 )
 def test_bad_environment_names_the_variable(changes: dict[str, str], expected: str) -> None:
@@ -142,6 +141,85 @@ def test_svix_test_secret_is_exactly_24_bytes() -> None:
 def test_invoice_grace_defaults_to_stripes_hour_and_takes_up_to_72_hours() -> None:
     assert settings_from_env(GOOD_ENV).invoice_grace == 3600
     assert settings_from_env(GOOD_ENV | {"INVOICE_GRACE_SECONDS": "259200"}).invoice_grace == 259200
+
+
+@pytest.mark.parametrize(
+    "proxies",
+    [
+        {"HTTPS_PROXY": "socks5://127.0.0.1:1080"},
+        {"https_proxy": "socks5h://u:pk_test_abc@proxy:1080"},
+        {"ALL_PROXY": "socks5://u:pk_test_abc@proxy:1080"},  # requests takes all_proxy for https
+        {"HTTPS_PROXY": "http://u:pk_test_abc@proxy:http"},
+        {"https_proxy": "https://u:pk_test_abc@proxy:3128"},
+        {"HTTPS_PROXY": "http://proxy:3128", "https_proxy": "socks5://u:pk_test_abc@proxy:1080"},
+    ],
+)
+def test_a_proxy_the_transport_cannot_use_is_refused_at_start(
+    proxies: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_proxies(monkeypatch)
+    for name, value in proxies.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(GOOD_ENV)
+    message = str(caught.value)
+    assert "HTTPS_PROXY (or https_proxy, all_proxy) must be http://" in message
+    assert "pk_test_abc" not in message
+
+
+@pytest.mark.parametrize(
+    "proxies",
+    [
+        {"HTTPS_PROXY": "http://u:p%40ss@proxy.corp:3128"},
+        {"https_proxy": "proxy.corp:3128"},  # no scheme: http, as requests reads it
+        {"HTTPS_PROXY": "socks5://proxy:1080", "https_proxy": "http://proxy:3128"},
+        {"HTTPS_PROXY": "socks5://proxy:1080", "NO_PROXY": "api.stripe.com"},  # never used
+        {"HTTP_PROXY": "socks5://proxy:1080"},  # for http:// only; Stripe is https
+    ],
+)
+def test_the_proxy_the_transport_will_use_is_accepted(
+    proxies: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_proxies(monkeypatch)
+    for name, value in proxies.items():
+        monkeypatch.setenv(name, value)
+    assert settings_from_env(GOOD_ENV).stripe_api_base is None
+
+
+@pytest.mark.parametrize("lowercase", ["https_proxy", "all_proxy"])
+def test_an_empty_lowercase_proxy_turning_off_the_uppercase_one_is_refused(
+    lowercase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv(lowercase.upper(), "http://u:pk_test_abc@proxy.corp:3128")
+    monkeypatch.setenv(lowercase, "")
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(GOOD_ENV)
+    message = str(caught.value)
+    assert f"{lowercase} is set but empty, which turns {lowercase.upper()} off" in message
+    assert "pk_test_abc" not in message
+
+
+@pytest.mark.parametrize(
+    "base", ["http://api.stripe.com", "http://10.0.0.5:12111", "http://127.0.0.1.nip.io"]
+)
+def test_a_plain_http_stripe_api_base_is_refused_unless_loopback(base: str) -> None:
+    with pytest.raises(ConfigError, match="STRIPE_API_BASE must be https://"):
+        settings_from_env(GOOD_ENV | {"STRIPE_API_BASE": base})
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://127.0.0.1:12111",
+        "http://127.8.9.10",
+        "http://localhost:12111/",
+        "http://[::1]:12111",
+        "https://stripe-proxy.internal:8443",
+    ],
+)
+def test_a_loopback_or_https_stripe_api_base_is_accepted(base: str) -> None:
+    assert settings_from_env(GOOD_ENV | {"STRIPE_API_BASE": base}).stripe_api_base == base
 
 
 def test_rotation_takes_several_secrets() -> None:

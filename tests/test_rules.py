@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from typing import Any
 import pytest
 import yaml
 from flask.testing import FlaskClient
-from stripe import _util as stripe_util
 
 from app import create_app
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
@@ -607,42 +605,3 @@ def test_killed_mid_report_the_next_attempt_skips_every_recorded_batch_of_50(
     resent = [int(r.params["timestamp"]) for r in usage_posts(stripe_fake)[before:]]
     assert min(resent) == first_unrecorded  # nothing the ledger recorded was sent again
     assert stripe_fake.usage_total(billing.api) == 2 * windows
-
-
-class _Records(logging.Handler):
-    """Keeps every record it is given."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def test_stripe_log_lines_are_built_only_when_someone_reads_them(
-    client: FlaskClient, billing: Billing, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    built: list[dict[str, Any]] = []
-    original = stripe_util.logfmt
-
-    def counting_logfmt(props: dict[str, Any]) -> str:
-        built.append(props)
-        return str(original(props))  # type: ignore[no-untyped-call]  # stripe's own
-
-    monkeypatch.setattr(stripe_util, "logfmt", counting_logfmt)
-    assert deliver(client, report([1])).status_code == 200
-    assert built == []  # the stripe logger is at WARNING and STRIPE_LOG is unset
-    heard = _Records()
-    stripe_logger = logging.getLogger("stripe")
-    level = stripe_logger.level
-    stripe_logger.setLevel(logging.DEBUG)
-    stripe_logger.addHandler(heard)
-    try:
-        assert deliver(client, report([2], first=hours_ago(5))).status_code == 200
-    finally:
-        stripe_logger.removeHandler(heard)
-        stripe_logger.setLevel(level)
-    messages = [record.getMessage() for record in heard.records]
-    assert built and any(m.startswith("message='Request to Stripe api'") for m in messages)
-    assert any("API response body" in m for m in messages)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
-import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from flask.testing import FlaskClient
 from app import create_app
 from bridge.signature import attempt_budget
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
-from bridge.transport import BudgetHTTPClient
 from tests.conftest import Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
 from tests.harness import ROTATED_SECRET, SECRET, example, hours_ago, iso, report, sign
@@ -463,22 +460,6 @@ def test_timestamps_beyond_what_utc_can_hold_are_400(
     assert response.status_code == 400
     assert response.json is not None and "windowStart" in response.json["message"]
     assert not stripe_fake.writes()
-
-
-def test_https_proxy_tunnels_with_its_credentials_except_for_no_proxy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", "http://bridge:p%40ss@127.0.0.1:3128")
-    monkeypatch.setenv("NO_PROXY", "stripe.internal")
-    transport = BudgetHTTPClient()
-    tunnel = transport._connection(urllib.parse.urlsplit("https://api.stripe.com/v1/prices"))
-    assert (tunnel.host, tunnel.port) == ("127.0.0.1", 3128)
-    assert tunnel._tunnel_host == "api.stripe.com"  # type: ignore[attr-defined]
-    credentials = base64.b64encode(b"bridge:p@ss").decode()
-    assert tunnel._tunnel_headers == {"Proxy-Authorization": f"Basic {credentials}"}  # type: ignore[attr-defined]
-    direct = transport._connection(urllib.parse.urlsplit("https://stripe.internal/v1/prices"))
-    assert (direct.host, direct.port) == ("stripe.internal", 443)
-    assert direct._tunnel_host is None  # type: ignore[attr-defined]
 
 
 def test_no_stripe_telemetry_so_nothing_is_written_under_home(
