@@ -19,7 +19,7 @@ def test_demo_runs_twice_in_a_row_and_leaves_nothing_behind() -> None:
     before = leftovers()
     for _ in range(2):
         run = subprocess.run(
-            [sys.executable, "-m", "tests.demo"],
+            [sys.executable, "-m", "tools.demo"],
             check=False,
             cwd=PROJECT,
             capture_output=True,
