@@ -31,9 +31,9 @@ def read_fixtures(path: Path) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     """Serves a fake Stripe until SIGTERM or SIGINT, printing its URL first."""
     parser = argparse.ArgumentParser(prog="python -m tests.fake_stripe", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=12111)
-    parser.add_argument("--api-key", default="sk_test_fake")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=12111, help="0: any free port (12111)")
+    parser.add_argument("--api-key", default="sk_test_fake", help="the key it takes (sk_test_fake)")
     parser.add_argument(
         "--fixtures",
         type=Path,
