@@ -68,7 +68,7 @@ send: $(BIN)/.runtime
 
 ## demo: the service against a local fake Stripe, one signed example report, and what landed
 demo: $(BIN)/.dev
-	$(BIN)/python -m tests.demo
+	$(BIN)/python -m tools.demo
 
 ## bench: the full benchmark (several minutes); bench/run.py --help for options
 bench: $(BIN)/.dev
@@ -80,7 +80,7 @@ profile: $(BIN)/.dev
 
 ## chaos: Svix-like at-least-once delivery while Stripe faults and workers are SIGKILLed (~3 min)
 chaos: $(BIN)/.dev
-	$(BIN)/python -m tests.chaos
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """`make bench`: the service as its container starts it, a fake Stripe with latency, load.
 
-All on this machine: the fake Stripe in its own process (tests/fake_stripe.py), the service under
+All on this machine: the fake Stripe in its own process (tests/fake_stripe/), the service under
 gunicorn with gunicorn.conf.py, and a closed-loop load generator here. After every run the fake
 Stripe's usage is compared with what was sent: lost and doubled windows are counted.
 """

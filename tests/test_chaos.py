@@ -13,7 +13,7 @@ from tests.harness import PROJECT
 
 def test_chaos_short_run_loses_and_doubles_nothing() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.chaos", "--short"],
+        [sys.executable, "-m", "bench.chaos", "--short"],
         cwd=PROJECT,
         capture_output=True,
         text=True,

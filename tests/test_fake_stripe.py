@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,7 @@ import stripe
 
 from tests.fake_stripe import (
     DUPLICATE_METER_EVENT_MESSAGE,
+    FIXTURE_KEYS,
     TIMESTAMP_OUT_OF_RANGE_MESSAGE,
     FakeStripe,
     decode_form,
@@ -26,6 +31,8 @@ API_KEY = "sk_test_fakestripe0123456789"
 ACACIA = "2025-02-24.acacia"
 HOUR = 3_600
 NOW = 1_790_000_000  # the fake clock's start, on an hour boundary + 800 s
+PROJECT = Path(__file__).resolve().parent.parent
+EXAMPLE_FIXTURES = PROJECT / "docs" / "fake-stripe-fixtures.json"
 
 
 class Clock:
@@ -649,6 +656,134 @@ def test_command_line_serves_until_terminated(tmp_path: Any) -> None:
     finally:
         process.terminate()
     assert process.wait(timeout=5) == 0
+
+
+def run_fake(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m tests.fake_stripe` with args, for a run that exits by itself."""
+    command = [sys.executable, "-m", "tests.fake_stripe", *args]
+    return subprocess.run(
+        command, check=False, cwd=PROJECT, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_help_names_the_fixtures_keys_the_fake_reads() -> None:
+    run = run_fake("--help")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"customers,\s+meters,\s+prices,\s+subscriptions", run.stdout), run.stdout
+    assert "subs " not in run.stdout and "subs," not in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("fixtures", "refusal"),
+    [
+        ({"subs": []}, "unknown key 'subs'; the keys are customers, meters, prices, subscriptions"),
+        (
+            {"subscriptions": [{"prices": [], "period": 3}]},
+            "subscriptions[0] has unknown key 'period'; a subscription takes id, customer, prices",
+        ),
+        (
+            {"meters": [{"event_name": "jobs", "aggregation": "sum"}]},
+            "meters[0] has unknown key 'aggregation'; a meter takes id, event_name, customer_key",
+        ),
+        (
+            {"prices": [{"id": "price_1"}, {"id": "price_2", "currency": "eur"}]},
+            "prices[1] has unknown key 'currency'; a price takes id, usage_type, aggregate_usage",
+        ),
+        ({"customers": [{"id": "cus_1"}]}, "customers[0] must be a customer id (a string)"),
+        ({"subscriptions": [{"id": "sub_1"}]}, "subscriptions[0] is missing the required key"),
+        ({"subscriptions": [{"prices": [], "cancel_at": "soon"}]}, "cancel_at must be Unix"),
+        ({"prices": {"id": "price_1"}}, "prices must be a list"),
+    ],
+    ids=["top_level", "subscription", "meter", "price", "customer", "required", "type", "list"],
+)
+def test_fixtures_with_an_unknown_key_are_refused_naming_it(
+    fixtures: dict[str, Any], refusal: str
+) -> None:
+    fake = FakeStripe(API_KEY)
+    fake.add_customer("cus_1")
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        fake.add_fixtures(fixtures)
+    assert fake.state()["prices"] == {} and fake.state()["subscriptions"] == {}  # nothing added
+
+
+def test_the_command_line_refuses_a_fixtures_file_with_an_unknown_key(tmp_path: Path) -> None:
+    fixtures = tmp_path / "fixtures.json"
+    fixtures.write_text(json.dumps({"customers": ["cus_1"], "subs": []}))
+    run = run_fake("--port", "0", "--fixtures", str(fixtures))
+    assert run.returncode == 2 and run.stdout == ""  # it never started serving
+    assert "unknown key 'subs'; the keys are customers, meters, prices, subscriptions" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_the_control_api_refuses_fixtures_with_an_unknown_key(fake: FakeStripe) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        control(fake, "fixtures", {"subscriptions": [{"prices": [], "plan": "x"}]})
+    assert refused.value.code == 400
+    assert "unknown key 'plan'" in json.load(refused.value)["error"]
+
+
+def test_the_example_fixtures_file_loads_and_serves() -> None:
+    command = [sys.executable, "-m", "tests.fake_stripe", "--port", "0", "--api-key", API_KEY]
+    process = subprocess.Popen(
+        [*command, "--fixtures", str(EXAMPLE_FIXTURES)],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        client = stripe.StripeClient(API_KEY, base_addresses={"api": url})
+        found = client.v1.subscriptions.retrieve("sub_1ExampleCustomer1").to_dict()
+    finally:
+        process.terminate()
+    assert process.wait(timeout=5) == 0
+    assert found["customer"] == "cus_1ExampleCustomer1"
+    prices = [item["price"]["id"] for item in found["items"]["data"]]
+    assert prices == ["price_1ExampleApiRequests", "price_1ExampleStorage"]
+
+
+def test_fixtures_set_every_subscription_field_they_take(fake: FakeStripe, clock: Clock) -> None:
+    fake.add_fixtures(
+        {
+            "meters": [{"id": "mtr_1", "event_name": "jobs", "event_time_window": "hour"}],
+            "prices": [{"id": "price_m", "meter": "mtr_1"}],
+            "subscriptions": [
+                {
+                    "id": "sub_f", "customer": "cus_f", "prices": ["price_m"],
+                    "status": "past_due", "period_start": NOW - HOUR, "period_end": NOW + HOUR,
+                    "start_date": NOW - 90 * 86_400, "cancel_at": NOW + 2 * HOUR,
+                },
+                {"id": "sub_g", "prices": [], "cancel_at_period_end": True},
+            ],
+        }
+    )  # fmt: skip
+    found = connect(fake).v1.subscriptions.retrieve("sub_f").to_dict()
+    assert (found["status"], found["customer"], found["start_date"]) == (
+        "past_due", "cus_f", NOW - 90 * 86_400,
+    )  # fmt: skip
+    assert found["cancel_at"] == NOW + 2 * HOUR and found["cancel_at_period_end"] is False
+    item = found["items"]["data"][0]
+    assert (item["current_period_start"], item["current_period_end"]) == (NOW - HOUR, NOW + HOUR)
+    other = fake.state()["subscriptions"]["sub_g"]
+    assert other["cancel_at_period_end"] is True and other["cancel_at"] is None
+
+
+def test_the_fixtures_format_is_the_methods_arguments_and_is_documented() -> None:
+    def arguments(method: Any) -> tuple[str, ...]:
+        return tuple(name for name in inspect.signature(method).parameters if name != "self")
+
+    assert FIXTURE_KEYS["meters"] == arguments(FakeStripe.add_meter)
+    assert FIXTURE_KEYS["prices"] == arguments(FakeStripe.add_price)
+    assert FIXTURE_KEYS["subscriptions"] == (
+        *arguments(FakeStripe.add_subscription), "cancel_at", "cancel_at_period_end",
+    )  # fmt: skip
+    docs = (PROJECT / "docs" / "development.md").read_text()
+    section = docs.split("## The fake Stripe on its own", 1)[1].split("\n## ", 1)[0]
+    for kind, keys in FIXTURE_KEYS.items():
+        documented = section.split(f"- `{kind}`", 1)[1].split("\n- `", 1)[0]
+        missing = [key for key in keys if f"`{key}`" not in documented]
+        assert missing == [], f"docs/development.md does not describe the {kind} keys {missing}"
 
 
 # --- billing periods: what Stripe takes but never bills ----------------------------------------

@@ -2,7 +2,7 @@
 
 The service runs as its container starts it (the Dockerfile's CMD: gunicorn with gunicorn.conf.py,
 two workers, STATE_PATH in a temporary folder) against the fake Stripe in its own process
-(tests/fake_stripe.py), which fails a share of all calls (500, 429 lock timeouts with
+(tests/fake_stripe/), which fails a share of all calls (500, 429 lock timeouts with
 Stripe-Should-Retry, 429 rate limits, dropped connections, lost and late answers of performed
 writes). A Svix-like sender delivers the reports at least once: shuffled, sometimes twice (some of
 those at the same moment), retried with the same svix-id and a fresh signature on a compressed
@@ -537,7 +537,7 @@ def correction(svix: Svix, plan: Plan, stream: Stream, rng: random.Random) -> li
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the chaos test; prints what happened; 1 if anything was lost, doubled or unfinished."""
-    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
     parser.add_argument("--reports", type=int, default=1000, help="reports to deliver (1000)")
     parser.add_argument(
         "--seconds", type=float, default=60.0, help="spread first deliveries over this long (60)"
