@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bridge.errors import BadRequest, StripeRefused
-from bridge.quantities import MeterValue, Quantity, denoised, to_meter_value, to_quantity
+from bridge.quantities import (
+    MeterValue,
+    Quantity,
+    denoised,
+    meter_value_text,
+    to_meter_value,
+    to_quantity,
+)
 from bridge.report import Report, Window, incomplete
 from bridge.settings import DEFAULT_INVOICE_GRACE_SECONDS
-from bridge.stripe_objects import Meter
+from bridge.stripe_objects import Item, Meter
 from bridge.targets import Target
 
 # OpenMeter aggregation -> the Stripe aggregations (legacy aggregate_usage, or a meter's formula)
@@ -67,15 +75,19 @@ def check_aggregation(report: Report, target: Target) -> None:
         )
 
 
-def check_meter_window(window: Window, meter: Meter, now: datetime) -> None:
-    """Refuses windows a meter cannot take: too old, or not exactly one pre-aggregation bucket."""
-    start, end = window.start.timestamp(), window.end.timestamp()
-    if start < now.timestamp() - METER_EVENT_MAX_AGE_SECONDS:
+def check_meter_age(window: Window, now: datetime) -> None:
+    """Refuses (for this window only) one older than Stripe takes meter events for."""
+    if window.start.timestamp() < now.timestamp() - METER_EVENT_MAX_AGE_SECONDS:
         raise StripeRefused(
             f"window {window.start.isoformat()} is older than Stripe's 35 days for meter events",
             "Stripe cannot take this usage any more; bill it by hand if it matters.",
             window_start=window.start.isoformat(),
         )
+
+
+def check_meter_window(window: Window, meter: Meter) -> None:
+    """Refuses a report whose windows are not exactly one pre-aggregation bucket each."""
+    start, end = window.start.timestamp(), window.end.timestamp()
     size = meter.event_time_window or ""
     bucket = BUCKET_SECONDS.get(size)
     if bucket and (start % bucket or end - start != bucket):
@@ -151,7 +163,27 @@ def in_billing_period(
             f"belongs to a period whose invoice finalized {grace} s after it ended "
             "(INVOICE_GRACE_SECONDS)",
         )
+    if end <= previous_period_start(item):
+        raise _unbillable(window, "belongs to a period before the previous one, long invoiced")
     return timestamp
+
+
+def previous_period_start(item: Item) -> float:
+    """When the period before the current one began, as far back as the price's interval goes.
+
+    A month back from the period's start, on the same day or the month's last (Stripe's anchor
+    may be a later day than that: then this is a few days early, and lets those days through).
+    """
+    begun = datetime.fromtimestamp(item.period_start, UTC)
+    count = item.interval_count
+    if item.interval in ("day", "week"):
+        return (begun - timedelta(days=count * (7 if item.interval == "week" else 1))).timestamp()
+    if item.interval in ("month", "year"):
+        months = begun.year * 12 + begun.month - 1 - count * (12 if item.interval == "year" else 1)
+        year, month = divmod(months, 12)
+        day = min(begun.day, calendar.monthrange(year, month + 1)[1])
+        return begun.replace(year=year, month=month + 1, day=day).timestamp()
+    return -math.inf  # an interval the bridge does not know: no check
 
 
 def _unbillable(window: Window, why: str) -> StripeRefused:
@@ -173,14 +205,17 @@ def idempotency_key(message_id: str, *meaning: object) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def meter_event_identifier(message_id: str, target: Target, timestamp: int) -> str:
-    """Raw meters: one event per window, ever. Pre-aggregated: one per message and window."""
+def meter_event_identifier(
+    message_id: str, target: Target, timestamp: int, value: MeterValue
+) -> str:
+    """Raw meters: one event per window, ever. Pre-aggregated: one per message, window and value."""
     assert target.meter
     meaning = [target.meter.event_name, target.subscription.customer, str(timestamp)]
-    # A pre-aggregated meter keeps the newest event per bucket, so each message must be new to it;
-    # a raw meter adds every event, so a window must never be sent twice.
+    # A pre-aggregated meter keeps the newest event per bucket, so each message (and each value a
+    # message is converted to, after a multiplier fix) must be new to it; a raw meter adds every
+    # event, so a window must never be sent twice, whatever its value.
     if not target.raw_meter:
-        meaning.insert(0, message_id)
+        meaning[:0] = [message_id, meter_value_text(value)]
     return "om-" + hashlib.sha256("\n".join(meaning).encode()).hexdigest()[:48]
 
 
@@ -205,7 +240,7 @@ def plan_writes(
         if timestamp >= window.end.timestamp():
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
         if target.meter:
-            check_meter_window(window, target.meter, now)
+            check_meter_window(window, target.meter)
         usage = denoised(window, target)
         # A raw meter keeps a window's first event for good: a partial value would stick, and no
         # retry of this body can bring the rest. A later report carries the window in full.
@@ -215,14 +250,16 @@ def plan_writes(
         if reason := not_yet(window, target, now):
             plan.waiting.append({"window_start": window.start.isoformat(), "reason": reason})
             continue
-        try:
+        try:  # a window Stripe would refuse, or bill in no period, keeps no other from Stripe
+            if target.meter:
+                check_meter_age(window, now)
             timestamp = in_billing_period(window, timestamp, target, now, grace)
         except StripeRefused as refusal:
             plan.refused.append(refusal.body())
             continue
         if target.meter:
             value = to_meter_value(usage, target.mapping)
-            identifier = meter_event_identifier(message_id, target, timestamp)
+            identifier = meter_event_identifier(message_id, target, timestamp, value)
             plan.writes.append(Write(window, timestamp, value, identifier))
         else:
             quantity = to_quantity(usage, target.mapping)

@@ -19,8 +19,11 @@ ZERO_BELOW = {"usage_records": Decimal("0.5"), "meter_events": Decimal("1e-9")}
 
 
 # Below zero, noise stops and negative usage begins at half a unit, for both kinds: that needs
-# only the config's multiplier, so a negative report is refused before Stripe is asked.
+# only the config's multiplier, so such a report is refused before Stripe is asked. A meter event
+# carries decimals, so once the target says it is a meter, negative usage begins far closer to
+# zero: a millionth of a unit, beyond the noise of float64 sums of values up to 1e10.
 NEGATIVE_FROM = Decimal("-0.5")
+METER_NEGATIVE_FROM = Decimal("-1e-6")
 
 
 # A usage record's quantity: a whole number of the price's units, as Stripe's `quantity` takes it.
@@ -46,8 +49,15 @@ def check_negative(report: Report, config: Config) -> None:
 
 
 def denoised(window: Window, target: Target) -> Decimal:
-    """The window's value, or zero if it is noise (check_negative refused what is not)."""
+    """The window's value, or zero if it is noise; a 400 for a meter's negative usage."""
     scaled = DECIMAL.multiply(window.value, target.mapping.multiplier)
+    lowest = DECIMAL.multiply(min(window.lowest, window.value), target.mapping.multiplier)
+    if target.meter and lowest <= METER_NEGATIVE_FROM:
+        raise BadRequest(
+            f"window {window.start.isoformat()}: usage cannot be negative "
+            f"({min(window.lowest, window.value)})",
+            "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
+        )
     return Decimal(0) if scaled < ZERO_BELOW[target.kind] else window.value
 
 

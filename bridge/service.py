@@ -128,7 +128,8 @@ def process_event(
             pending = bridge.ledger.pending(plan.writes, target, message)
             warn_skipped(pending)
             write_report(bridge.stripe, bridge.caches.subscriptions, target, pending.writes,
-                         batch.accepted, planned_refusals=plan.refused)  # fmt: skip
+                         batch.accepted, planned_refusals=plan.refused,
+                         waiting=plan.waiting)  # fmt: skip
     sent, skipped = len(pending.writes), len(plan.writes) - len(pending.writes)
     if plan.waiting:
         raise WindowsWaiting(
@@ -144,10 +145,13 @@ def process_event(
 def placed_digest(body_digest: str, target: Target) -> str:
     """What "already written" means: this body, to these Stripe objects, in this Stripe account.
 
-    A resend after a mapping fix, or after switching from a test key to a live one, goes to
-    another place, so it is written again.
+    A resend after a mapping fix (another target, multiplier or rounding), or after switching from
+    a test key to a live one, is another meaning, so it is written again.
     """
-    return hashlib.sha256(f"{body_digest}\n{target.place}".encode()).hexdigest()
+    # The conversion is part of the meaning: a resend after a multiplier fix writes again.
+    mapping = target.mapping
+    meaning = f"{body_digest}\n{target.place}\n{mapping.multiplier}\n{mapping.rounding}"
+    return hashlib.sha256(meaning.encode()).hexdigest()
 
 
 def warn_skipped(pending: Pending) -> None:

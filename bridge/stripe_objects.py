@@ -32,6 +32,8 @@ class Item:
     meter: str | None
     period_start: int = 0  # the current billing period's start; usage records cannot go before it
     period_end: float = math.inf
+    interval: str | None = None  # the price's billing interval: day, week, month or year
+    interval_count: int = 1
 
 
 # Subscription statuses that bill nothing more (of the status enum in Stripe's spec, endive).
@@ -193,6 +195,9 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
                 # Since basil the period lives on the item (required there), not the subscription.
                 period_start=item.get("current_period_start") or 0,
                 period_end=item.get("current_period_end") or math.inf,
+                # The endive spec's `recurring` requires interval and interval_count.
+                interval=(item["price"].get("recurring") or {}).get("interval"),
+                interval_count=(item["price"].get("recurring") or {}).get("interval_count") or 1,
             )
             for item in items
         },

@@ -120,8 +120,31 @@ def resolve_target(
                 "Reactivate the meter in Stripe; Svix retries for about a day.",
                 meter=meter.id,
             )
+        check_one_price_per_meter(report.meter, subscription, meter, config)
         check_shared_customer(report.subject, subscription, meter, config, caches)
     return Target(subscription, item, mapping, meter, account)
+
+
+def check_one_price_per_meter(
+    slug: str, subscription: Subscription, meter: Meter, config: Config
+) -> None:
+    """Refuses a meter that another mapped price of the same subscription also feeds.
+
+    Their events would carry the same event name and customer: a raw meter would keep only the
+    first of each window, a pre-aggregated one only the last. The subscription is at hand, so
+    this needs no call; `check-config --online` finds the same across every subscription.
+    """
+    for other_slug, other in config.meters.items():
+        item = subscription.items.get(other.price)
+        if other_slug != slug and item is not None and item.meter == meter.id:
+            raise StripeRefused(
+                f"meters.{slug} and meters.{other_slug} both go to Stripe meter {meter.id} on "
+                f"subscription {subscription.id}: their events would overwrite each other",
+                "Give each OpenMeter meter a price on its own Stripe meter; Svix retries for "
+                "about a day.",
+                meter=meter.id,
+                meters=sorted([slug, other_slug]),
+            )
 
 
 def check_shared_customer(

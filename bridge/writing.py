@@ -213,11 +213,13 @@ def write_report(
     on_accepted: Callable[[Write], None],
     *,
     planned_refusals: Sequence[dict[str, Any]] = (),
+    waiting: Sequence[dict[str, str]] = (),
 ) -> None:
     """Sends every window in order; a refused window does not keep the others from Stripe.
 
     planned_refusals: windows the plan refused (Stripe would bill them in no period), answered
-    together with any Stripe refuses, once the others are written.
+    together with any Stripe refuses, once the others are written. waiting: windows a later
+    attempt writes, named in a refusal too (a 422 outranks the 503 that would name them).
     """
     refused = list(planned_refusals)
     written = 0
@@ -262,6 +264,7 @@ def write_report(
             f"{refused[0]['message']}",
             refused[0]["hint"],
             refused=refused,
+            **({"waiting": list(waiting)} if waiting else {}),
         )
 
 

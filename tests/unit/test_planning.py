@@ -3,8 +3,9 @@ or is left out."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -12,15 +13,17 @@ import pytest
 from bridge.errors import BadRequest, StripeRefused
 from bridge.planning import (
     check_aggregation,
+    check_meter_age,
     check_meter_window,
     idempotency_key,
     in_billing_period,
     not_yet,
     plan_writes,
+    previous_period_start,
     window_timestamp,
 )
 from bridge.report import Window
-from bridge.stripe_objects import Meter
+from bridge.stripe_objects import Item, Meter
 from bridge.targets import Target
 from tests.unit.objects import T0, legacy_target, meter_target, report, window
 
@@ -110,16 +113,16 @@ def test_a_counting_meter_cannot_take_values() -> None:
 
 
 def test_a_pre_aggregated_meter_takes_exactly_one_bucket_per_window() -> None:
-    check_meter_window(window(0), meter_of(meter_target("hour")), NOW)
+    check_meter_window(window(0), meter_of(meter_target("hour")))
     for wrong in [window(0, hours=2), window(0, hours=24)]:
         with pytest.raises(StripeRefused, match="not exactly one hour"):
-            check_meter_window(wrong, meter_of(meter_target("hour")), NOW)
-    check_meter_window(window(0, hours=24), meter_of(meter_target("day")), NOW)
+            check_meter_window(wrong, meter_of(meter_target("hour")))
+    check_meter_window(window(0, hours=24), meter_of(meter_target("day")))
 
 
 def test_a_meter_event_older_than_35_days_is_refused() -> None:
     with pytest.raises(StripeRefused, match="35 days"):
-        check_meter_window(window(0), meter_of(meter_target()), T0 + timedelta(days=35))
+        check_meter_age(window(0), T0 + timedelta(days=35))
 
 
 def test_a_legacy_plan_writes_whole_quantities_at_their_timestamps() -> None:
@@ -181,3 +184,26 @@ def test_a_window_shorter_than_two_seconds_is_refused() -> None:
 def test_a_refused_aggregation_refuses_the_whole_plan() -> None:
     with pytest.raises(StripeRefused):
         plan_writes(report(window(0), aggregation="AVG"), legacy_target(), "m", NOW)
+
+
+@pytest.mark.parametrize(
+    ("interval", "count", "start", "previous"),
+    [
+        ("month", 1, "2026-03-31", "2026-02-28"),  # the month's last day, as Stripe anchors
+        ("month", 3, "2026-01-15", "2025-10-15"),
+        ("year", 1, "2024-02-29", "2023-02-28"),
+        ("week", 2, "2026-03-15", "2026-03-01"),
+        ("day", 1, "2026-03-01", "2026-02-28"),
+    ],
+)
+def test_the_previous_period_starts_one_interval_back(
+    interval: str, count: int, start: str, previous: str
+) -> None:
+    begun = datetime.fromisoformat(start).replace(tzinfo=UTC)
+    item = Item("si_1", "metered", None, "mtr_1", int(begun.timestamp()), math.inf, interval, count)
+    expected = datetime.fromisoformat(previous).replace(tzinfo=UTC).timestamp()
+    assert previous_period_start(item) == expected
+
+
+def test_an_unknown_interval_refuses_nothing() -> None:
+    assert previous_period_start(Item("si_1", "metered", None, None)) == -math.inf

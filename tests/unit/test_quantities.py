@@ -84,6 +84,14 @@ def test_under_a_billionth_is_zero_for_a_meter_event(value: str, zero: bool) -> 
     assert usage == (Decimal(0) if zero else Decimal(value))
 
 
+def test_a_meter_event_takes_negative_noise_as_zero_but_refuses_negative_usage() -> None:
+    assert denoised(window(0, "-5.551115123125783e-17"), meter_target()) == Decimal(0)
+    assert denoised(window(0, "-0.0000009"), meter_target()) == Decimal(0)
+    for negative in ["-0.000001", "-0.3"]:
+        with pytest.raises(BadRequest, match="cannot be negative"):
+            denoised(window(0, negative), meter_target())
+
+
 def config(multiplier: str = "1") -> Config:
     """A config that maps the test reports' meter."""
     return Config(meters={"tokens": mapping(multiplier)}, subjects={"acme": "sub_1"})
