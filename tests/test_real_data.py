@@ -179,14 +179,19 @@ def test_clearly_negative_or_huge_usage_is_still_400_before_stripe_is_asked(
     assert stripe_fake.requests == []
 
 
-def test_less_than_half_a_unit_below_zero_is_zero_for_both_kinds(
+def test_negative_noise_is_zero_and_a_meter_refuses_what_a_usage_record_cannot_carry(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
     first = hours_ago(5)
+    # A usage record cannot carry less than half a unit: -0.49 is zero there.
     assert deliver(client, report(["-0.49", 2], first=first), "msg_l").status_code == 200
     assert list(stripe_fake.usage_records(billing.api).values()) == [0, 2]
+    # A meter event carries decimals: -0.49 is negative usage, float noise is zero.
     hourly = report(["-0.49", 3], meter="api_calls", first=first)
-    assert deliver(client, hourly, "msg_m").status_code == 200
+    assert deliver(client, hourly, "msg_m").status_code == 400
+    assert stripe_fake.meter_events("api_calls") == []
+    noise = report(["-5.551115123125783e-17", 3], meter="api_calls", first=first)
+    assert deliver(client, noise, "msg_n").status_code == 200
     sent = [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")]
     assert sent == ["0", "3"]
 
