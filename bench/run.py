@@ -319,6 +319,27 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
+SCENARIOS = ("1 sender, 1 window", "32 senders, 1 window", "1 sender, 24 windows")
+
+
+def targets(rows: list[dict[str, Any]], facts: dict[str, Any], latency: float) -> dict[str, str]:
+    """The performance targets (issue 13), read off this run's figures."""
+    one, many, wide = (next(r for r in rows if r["scenario"] == name) for name in SCENARIOS)
+    share = one["p50 ms"] - facts["fake Stripe alone: p50 of one usage record (ms)"]
+    scale = many["throughput/s"] / one["throughput/s"]
+    bound = 24 * latency * 1000
+    return {
+        "target: the bridge's own share of 1 sender's p50 <= 5 ms": f"{share:.1f} ms",
+        "target: 32 senders >= 20x 1 sender's throughput, 0 non-2xx": (
+            f"{scale:.1f}x, {many['non-2xx']} non-2xx"
+        ),
+        "target: CPU per webhook at 32 senders <= 3.0 ms": f"{many['cpu ms/webhook']:.2f} ms",
+        "target: 24 windows p50 <= 1.15 x 24 x L": (
+            f"{wide['p50 ms']:.0f} ms = {wide['p50 ms'] / bound:.2f} x {bound:.0f} ms"
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the scenarios; exits 1 if any usage was lost or doubled."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
@@ -342,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         with running(args.latency, Path(folder) / "a") as stack:
             facts["start to first /healthz 200 (s)"] = round(stack.startup_seconds, 2)
             load(stack, "warm-up", 32, warm_up, 1)
-            rows.append(load(stack, "1 sender, 1 window", 1, n(300), 1).row())
+            rows.append(load(stack, SCENARIOS[0], 1, n(300), 1).row())
             facts["fake Stripe alone: p50 of one usage record (ms)"] = round(
                 fake_alone(stack, n(300)), 1
             )
-            rows.append(load(stack, "32 senders, 1 window", 32, n(3000), 1).row())
-            rows.append(load(stack, "1 sender, 24 windows", 1, n(30), 24).row())
+            rows.append(load(stack, SCENARIOS[1], 32, n(3000), 1).row())
+            rows.append(load(stack, SCENARIOS[2], 1, n(30), 24).row())
             if not (args.smoke or args.no_soak):
                 load(stack, "soak to 2,000", 32, 2000, 1)
                 rss_2000 = memory_kib(stack.processes(), "Rss")
@@ -378,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{back_to_back:.2f} back to back; {apart:.2f} with {args.latency * 1000:.0f} ms "
             "between requests"
         )
+    facts.update(targets(rows, facts, args.latency))
     python = sys.version.split()[0]
     print(
         f"fake Stripe latency {args.latency * 1000:.0f} ms; {os.cpu_count()} CPUs; Python {python}"
