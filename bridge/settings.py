@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import ipaddress
 import re
@@ -36,7 +37,7 @@ class Settings:
     time_budget: float = 12.0
     invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
 
-    @property
+    @functools.cached_property  # hashed once: every webhook asks
     def account(self) -> str:
         """Which Stripe account the key opens, as the ledger records it: a hash, never the key.
 

@@ -51,11 +51,13 @@ class BudgetHTTPClient(stripe.HTTPClient):
         """One HTTP exchange; a network failure is stripe's retryable APIConnectionError."""
         timeout = urllib3.Timeout(total=min(STRIPE_READ_TIMEOUT, max(time_left(), 0.05)))
         try:
-            response = self._pool.request(
+            # urlopen, not request: stripe's body is encoded already, and a plain dict of
+            # headers spares urllib3 building a case-insensitive copy on every call.
+            response = self._pool.urlopen(
                 method.upper(),
                 url,
                 body=post_data,
-                headers=headers,
+                headers=dict(headers or {}),
                 timeout=timeout,
                 retries=False,  # call_stripe retries
                 redirect=False,
