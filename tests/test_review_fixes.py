@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def test_a_meter_window_two_periods_back_is_refused_even_within_the_grace(
     stripe_fake.add_meter("mtr_1Daily", event_name="storage", event_time_window="day")
     stripe_fake.add_price("price_1Daily", aggregate_usage=None, meter="mtr_1Daily")
     stripe_fake.add_customer("cus_1Renewed")
-    now = hours_ago(0)
+    now = datetime.now(UTC)
     renewed = int((now - timedelta(minutes=10)).timestamp())  # within the hour's grace
     stripe_fake.add_subscription(
         "sub_1Renewed",
@@ -175,7 +175,7 @@ def test_a_meter_window_two_periods_back_is_refused_even_within_the_grace(
     )
     text = "meters:\n  storage: price_1Daily\nsubjects:\n  customer-1: sub_1Renewed\n"
     client = connect(environment, config_path, text)
-    today = now.replace(hour=0)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     long_ago, last_period = today - timedelta(days=33), today - timedelta(days=2)
     event = report(rows=[row(long_ago, 7), row(last_period, 5)], meter="storage")
     response = deliver(client, event, "msg_back")
