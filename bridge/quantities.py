@@ -41,11 +41,16 @@ def check_negative(report: Report, config: Config) -> None:
     multiplier = mapping.multiplier if mapping else Decimal(1)
     for window in report.windows:
         if DECIMAL.multiply(min(window.lowest, window.value), multiplier) <= NEGATIVE_FROM:
-            raise BadRequest(
-                f"window {window.start.isoformat()}: usage cannot be negative "
-                f"({min(window.lowest, window.value)})",
-                "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
-            )
+            raise negative_usage(window)
+
+
+def negative_usage(window: Window) -> BadRequest:
+    """The 400 for a window (or one of its rows) below zero by more than noise."""
+    return BadRequest(
+        f"window {window.start.isoformat()}: usage cannot be negative "
+        f"({min(window.lowest, window.value)})",
+        "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
+    )
 
 
 def denoised(window: Window, target: Target) -> Decimal:
@@ -53,11 +58,7 @@ def denoised(window: Window, target: Target) -> Decimal:
     scaled = DECIMAL.multiply(window.value, target.mapping.multiplier)
     lowest = DECIMAL.multiply(min(window.lowest, window.value), target.mapping.multiplier)
     if target.meter and lowest <= METER_NEGATIVE_FROM:
-        raise BadRequest(
-            f"window {window.start.isoformat()}: usage cannot be negative "
-            f"({min(window.lowest, window.value)})",
-            "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
-        )
+        raise negative_usage(window)
     return Decimal(0) if scaled < ZERO_BELOW[target.kind] else window.value
 
 

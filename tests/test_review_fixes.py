@@ -89,12 +89,11 @@ def test_a_meter_window_older_than_35_days_is_refused_alone(
     assert buckets == {int(fresh.timestamp()): Decimal(5)}  # the fresh window is billed
 
 
-def row(start: Any, value: int) -> dict[str, Any]:
-    """One daily usage row."""
-    end = start + timedelta(days=1)
+def row(start: Any, value: int, size: timedelta = timedelta(days=1)) -> dict[str, Any]:
+    """One usage row of the given window size (a day by default)."""
     return {"subject": "customer-1", "value": value, "groupBy": {},
             "windowStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "windowEnd": end.strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+            "windowEnd": (start + size).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
 
 
 def test_two_mapped_meters_on_one_stripe_meter_are_refused_before_any_event(
@@ -142,20 +141,13 @@ def test_a_refusal_also_names_the_windows_that_wait(
     text = "meters:\n  api_requests: price_1Api\nsubjects:\n  customer-1: sub_1Edge\n"
     client = connect(environment, config_path, text)
     before_period, spanning = now - timedelta(days=31), now - timedelta(hours=1)
-    rows = [hourly_row(before_period, 3), hourly_row(spanning, 4)]
+    hour = timedelta(hours=1)
+    rows = [row(before_period, 3, hour), row(spanning, 4, hour)]
     response = deliver(client, report(rows=rows), "msg_edge")
     assert response.status_code == 422
     body = answer(response)
     assert [w["window_start"] for w in body["refused"]] == [before_period.isoformat()]
     assert [w["window_start"] for w in body["waiting"]] == [spanning.isoformat()]
-
-
-def hourly_row(start: Any, value: int) -> dict[str, Any]:
-    """One hourly usage row."""
-    end = start + timedelta(hours=1)
-    return {"subject": "customer-1", "value": value, "groupBy": {},
-            "windowStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "windowEnd": end.strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
 
 
 def test_a_meter_window_two_periods_back_is_refused_even_within_the_grace(
