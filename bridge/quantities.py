@@ -18,10 +18,10 @@ from bridge.targets import Target
 ZERO_BELOW = {"usage_records": Decimal("0.5"), "meter_events": Decimal("1e-9")}
 
 
-# Below zero, noise stops and negative usage begins at half a unit, for both kinds: that needs
-# only the config's multiplier, so such a report is refused before Stripe is asked. A meter event
-# carries decimals, so once the target says it is a meter, negative usage begins far closer to
-# zero: a millionth of a unit, beyond the noise of float64 sums of values up to 1e10.
+# Negative usage begins at half a unit below zero whatever the kind, which needs only the config's
+# multiplier, so such a report is refused before Stripe is asked. A meter event carries decimals,
+# so once the target says it is a meter, it begins far closer to zero: a millionth of a unit,
+# beyond the noise of float64 sums of values up to 1e10.
 NEGATIVE_FROM = Decimal("-0.5")
 METER_NEGATIVE_FROM = Decimal("-1e-6")
 
