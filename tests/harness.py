@@ -51,6 +51,17 @@ def hours_ago(hours: int) -> datetime:
     return now - timedelta(hours=hours)
 
 
+def open_hour(room: float = 30.0) -> datetime:
+    """The start of the current UTC hour, an open window: waits out the hour's first 1.5 s (its
+    timestamp, start + 1 s, must be past) and its last `room` s (the test must end within it)."""
+    while True:
+        now = time.time()
+        into = now % 3600
+        if 1.5 <= into <= 3600 - room:
+            return datetime.fromtimestamp(now - into, UTC)
+        time.sleep(0.05)
+
+
 def iso(moment: datetime) -> str:
     """RFC 3339 with Z, as OpenMeter writes it."""
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -28,7 +28,7 @@ from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from bridge.stripe_objects import CACHE_MAX_ENTRIES, CACHE_TTL_SECONDS, Cache
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
-from tests.harness import PROJECT, hours_ago, iso, report, wait_until
+from tests.harness import PROJECT, hours_ago, iso, open_hour, report, wait_until
 
 # Where the replay subprocess imports app from (the mutation check points it at a mutated copy).
 APP_DIR = PROJECT
@@ -207,7 +207,7 @@ def test_idempotency_key_longer_than_255_reaches_stripe_hashed(
 def test_window_starting_in_the_future_is_400_before_asking_stripe(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    start = hours_ago(0) + timedelta(hours=1)
+    start = open_hour() + timedelta(hours=1)
     response = deliver(client, report(rows=[window(start, start + timedelta(hours=1), 1)]))
     assert response.status_code == 400, response.json
     assert "future" in answer(response)["message"]

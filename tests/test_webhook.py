@@ -17,7 +17,17 @@ from bridge.signature import attempt_budget
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from tests.conftest import Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
-from tests.harness import ROTATED_SECRET, SECRET, example, hours_ago, iso, report, sign
+from tests.harness import (
+    ROTATED_SECRET,
+    SECRET,
+    example,
+    hours_ago,
+    iso,
+    open_hour,
+    report,
+    sign,
+    wait_until,
+)
 
 
 def usage_posts(fake: FakeStripe) -> list[RecordedRequest]:
@@ -474,8 +484,8 @@ def test_no_stripe_telemetry_so_nothing_is_written_under_home(
 def test_an_open_window_spanning_the_renewal_waits_for_the_new_period(
     config_path: Path, environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
 ) -> None:
+    window = open_hour()  # open: it ends 30 s or more from now
     now = int(time.time())
-    window = hours_ago(0)  # open: it ends within the hour
     stripe_fake.add_subscription(
         "sub_1Renewing",
         prices=["price_1Api"],
@@ -491,7 +501,7 @@ def test_an_open_window_spanning_the_renewal_waits_for_the_new_period(
     assert "renewal" in response.json["message"] and response.json["written"] == 1
     item = stripe_fake.item_id("sub_1Renewing", "price_1Api")
     assert list(stripe_fake.usage_records(item).values()) == [4]  # only the closed window
-    time.sleep(2.5)
+    wait_until(lambda: time.time() > now + 2)  # the period has ended
     stripe_fake.renew("sub_1Renewing", period_end=now + 86400)
     again = deliver(client, report([5], subject="renewing", first=window), "msg_after")
     assert again.status_code == 200, again.json  # the cached copy was stale: fetched again
