@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,9 @@ class Bridge:
     caches: StripeCaches
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+    # The wall clock a report's windows are judged by (in the future? begun? past their period's
+    # grace?): injectable so that a test can stand it at a chosen moment.
+    clock: Callable[[], float] = time.time
 
     def target(self, report: Report, config: Config) -> Target:
         """The Stripe object that bills a report, found with this bridge's client and caches."""
@@ -84,7 +88,7 @@ def process_event(
     if kind != "report.meter":
         facts["type"] = kind
         return {"outcome": "ignored", "type": kind, "message_id": message_id}
-    now = datetime.now(UTC)
+    now = datetime.fromtimestamp(bridge.clock(), UTC)
     report = parse_report(event, now)
     facts.update(subject=report.subject, meter=report.meter, windows=len(report.windows))
     answer: dict[str, Any] = {"outcome": "written", "message_id": message_id,
@@ -129,7 +133,7 @@ def process_event(
             warn_skipped(pending)
             write_report(bridge.stripe, bridge.caches.subscriptions, target, pending.writes,
                          batch.accepted, planned_refusals=plan.refused,
-                         waiting=plan.waiting)  # fmt: skip
+                         waiting=plan.waiting, clock=bridge.clock)  # fmt: skip
     sent, skipped = len(pending.writes), len(plan.writes) - len(pending.writes)
     if plan.waiting:
         raise WindowsWaiting(

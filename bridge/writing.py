@@ -112,9 +112,14 @@ class LedgerBatch:
         self._recorded = True
 
 
-def send_write(client: stripe.StripeClient, target: Target, write: Write) -> str | None:
+def send_write(
+    client: stripe.StripeClient,
+    target: Target,
+    write: Write,
+    clock: Callable[[], float] = time.time,
+) -> str | None:
     """Sends one window to Stripe; returns Stripe's request id (None: it already had it)."""
-    if write.timestamp > time.time():
+    if write.timestamp > clock():
         raise StripeUnavailable(
             f"window {write.window.start.isoformat()} started less than a second ago",
             "Svix will retry in a moment.",
@@ -214,19 +219,21 @@ def write_report(
     *,
     planned_refusals: Sequence[dict[str, Any]] = (),
     waiting: Sequence[dict[str, str]] = (),
+    clock: Callable[[], float] = time.time,
 ) -> None:
     """Sends every window in order; a refused window does not keep the others from Stripe.
 
     planned_refusals: windows the plan refused (Stripe would bill them in no period), answered
     together with any Stripe refuses, once the others are written. waiting: windows a later
     attempt writes, named in a refusal too (a 422 outranks the 503 that would name them).
+    clock: the wall clock that says whether a window's timestamp has come (Bridge.clock).
     """
     refused = list(planned_refusals)
     written = 0
     for write in writes:
         facts = write_facts(target, write)
         try:
-            request_id = send_write(client, target, write)
+            request_id = send_write(client, target, write, clock)
         except (stripe.StripeError, StripeUnavailable) as error:
             problem = write_problem(error, write)
             log_event(
