@@ -139,6 +139,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def clock_env() -> dict[str, str]:
+    """This process's time zone and faked clock (TZ; libfaketime's LD_PRELOAD and FAKETIME*),
+    for the processes a test starts with an environment of their own: a run under `faketime`
+    or another TZ then runs the service on the same clock as the test that signs its webhooks."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in ("TZ", "LD_PRELOAD") or name.startswith("FAKETIME")
+    }
+
+
 def start_service(
     env: dict[str, str], log_path: Path, wsgi_app: str | None = None
 ) -> subprocess.Popen[bytes]:
@@ -149,7 +160,7 @@ def start_service(
         return subprocess.Popen(
             dockerfile_cmd() + ([wsgi_app] if wsgi_app else []),
             cwd=PROJECT,
-            env={"PATH": path, "WEB_CONCURRENCY": "2", **env},
+            env={"PATH": path, "WEB_CONCURRENCY": "2", **clock_env(), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
