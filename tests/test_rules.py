@@ -594,7 +594,7 @@ def test_killed_mid_report_the_next_attempt_skips_every_recorded_batch_of_50(
             process.kill()
             process.wait()
     stripe_fake.latency = 0
-    time.sleep(0.2)  # the request in flight when the worker died finishes in Stripe
+    wait_until(lambda: stripe_fake.in_flight == 0)  # what the dead worker sent ends in Stripe
     before = len(usage_posts(stripe_fake))
     assert 70 <= before < windows, log.read_text()
     response = deliver(client, event, "msg_killed")
