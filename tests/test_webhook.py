@@ -387,17 +387,18 @@ def test_time_budget_bounds_the_answer_and_the_next_attempt_resumes(
     deliver(client, report([1], first=hours_ago(30)), "msg_warmup")
     stripe_fake.latency = 0.3
     started = time.monotonic()
-    response = deliver(client, report([1] * 10), "msg_slow")
-    assert time.monotonic() - started < 1.5
+    response = deliver(client, report([1] * 20), "msg_slow")
+    # Bounded by the 1 s budget (plus what a loaded machine adds); unbounded, 20 writes take 6 s.
+    assert time.monotonic() - started < 3.5
     assert response.status_code == 503
-    assert response.json is not None and 1 <= response.json["written"] < 10
+    assert response.json is not None and 1 <= response.json["written"] < 20
     written = response.json["written"]
     stripe_fake.latency = 0
     wait_until(lambda: stripe_fake.in_flight == 0)  # the abandoned request ends in Stripe
-    again = deliver(client, report([1] * 10), "msg_slow")
+    again = deliver(client, report([1] * 20), "msg_slow")
     assert again.status_code == 200
     assert again.json is not None and again.json["skipped"] >= written
-    assert stripe_fake.usage_total(billing.api) == 11
+    assert stripe_fake.usage_total(billing.api) == 21
 
 
 def test_time_queued_since_svix_sent_the_attempt_counts_against_the_budget(
@@ -409,7 +410,9 @@ def test_time_queued_since_svix_sent_the_attempt_counts_against_the_budget(
     sent = datetime.now(UTC) - timedelta(seconds=3)  # waited in a busy worker's queue
     started = time.monotonic()
     response = deliver(client, report([1] * 20), "msg_queued", at=sent)
-    assert 1.5 < time.monotonic() - started < 3.0  # 4 s, less the 2 s beyond Svix's rounding
+    # 4 s, less the 2 s beyond Svix's rounding (and what a loaded machine adds): without the
+    # discount the whole 4 s would go, as 20 writes take 6 s.
+    assert 1.5 < time.monotonic() - started < 3.7
     assert response.status_code == 503
 
 
