@@ -47,9 +47,8 @@ proxy:
 # same way (root with apt-get); elsewhere those tests skip.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
-	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	          postgresql >/dev/null; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && sh tools/apt-install.sh postgresql; } \
 	  || echo "PostgreSQL is not installed: the PostgreSQL ledger's tests will skip"
 
 ## lint: ruff (lint + format), mypy, hadolint

@@ -1,5 +1,5 @@
 #!/bin/sh
-# `make sandbox` and `make proxy`: apt-get install PACKAGE..., waiting for another apt-get.
+# `make sandbox`, `proxy` and `postgres`: apt-get install PACKAGE..., waiting for another apt-get.
 #
 # Two installs at once (another `make test`, unattended upgrades) used to make the second fail
 # at once on apt's locks, and its tests skip. dpkg's lock is waited for with
