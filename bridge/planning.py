@@ -52,7 +52,7 @@ class Plan:
     writes: list[Write]
     waiting: list[dict[str, str]]  # {window_start, reason}: a later attempt writes them
     left_out: list[dict[str, str]]  # {window_start, reason}: a raw meter's partial windows
-    refused: list[dict[str, Any]]  # the 422 bodies of windows Stripe would bill in no period
+    refused: list[dict[str, Any]]  # the bodies of windows refused: negative, or billed in no period
 
 
 def check_aggregation(report: Report, target: Target) -> None:
@@ -241,7 +241,11 @@ def plan_writes(
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
         if target.meter:
             check_meter_window(window, target.meter)
-        usage = denoised(window, target)
+        try:  # a window whose sum is negative is refused on its own; the others are written
+            usage = denoised(window, target)
+        except BadRequest as refusal:
+            plan.refused.append(refusal.body())
+            continue
         # A raw meter keeps a window's first event for good: a partial value would stick, and no
         # retry of this body can bring the rest. A later report carries the window in full.
         if target.raw_meter and (reason := incomplete(window, report, made_at or now)):

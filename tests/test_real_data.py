@@ -168,15 +168,38 @@ def test_values_below_decimals_reach_are_zero(
         ("api_requests", -3),
         ("api_calls", "-0.5"),
         ("storage_gb", "-500"),  # x 0.001
-        ("api_requests", "1e31"),
     ],
 )
-def test_clearly_negative_or_huge_usage_is_still_400_before_stripe_is_asked(
+def test_a_report_of_nothing_but_negative_usage_is_400_before_stripe_is_asked(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing, meter: str, value: Any
 ) -> None:
-    response = deliver(client, report([1, value], meter=meter), "msg_negative")
+    response = deliver(client, report([value, value], meter=meter), "msg_negative")
     assert response.status_code == 400, response.json
     assert stripe_fake.requests == []
+
+
+def test_huge_usage_is_still_400_before_stripe_is_asked(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    response = deliver(client, report([1, "1e31"]), "msg_huge")
+    assert response.status_code == 400, response.json
+    assert stripe_fake.requests == []
+
+
+@pytest.mark.parametrize(("meter", "value"), [("api_requests", -3), ("api_calls", "-0.5")])
+def test_a_negative_window_is_refused_on_its_own_and_the_others_are_written(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing, meter: str, value: Any
+) -> None:
+    first = hours_ago(4)
+    response = deliver(client, report([1, value, 4], meter=meter, first=first), "msg_neg1")
+    assert response.status_code == 422, response.json
+    refused = response.json["refused"]
+    assert [r["window_start"] for r in refused] == [(first + timedelta(hours=1)).isoformat()]
+    assert "cannot be negative" in refused[0]["message"]
+    if meter == "api_requests":
+        assert list(stripe_fake.usage_records(billing.api).values()) == [1, 4]
+    else:
+        assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == ["1", "4"]
 
 
 def test_negative_noise_is_zero_and_a_meter_refuses_what_a_usage_record_cannot_carry(
@@ -188,21 +211,23 @@ def test_negative_noise_is_zero_and_a_meter_refuses_what_a_usage_record_cannot_c
     assert list(stripe_fake.usage_records(billing.api).values()) == [0, 2]
     # A meter event carries decimals: -0.49 is negative usage, float noise is zero.
     hourly = report(["-0.49", 3], meter="api_calls", first=first)
-    assert deliver(client, hourly, "msg_m").status_code == 400
-    assert stripe_fake.meter_events("api_calls") == []
+    assert deliver(client, hourly, "msg_m").status_code == 422  # its other window is written
+    assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == ["3"]
     noise = report(["-5.551115123125783e-17", 3], meter="api_calls", first=first)
     assert deliver(client, noise, "msg_n").status_code == 200
     sent = [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")]
-    assert sent == ["0", "3"]
+    assert sent == ["3", "0", "3"]
 
 
-def test_a_negative_row_is_refused_even_when_its_window_sums_positive(
+def test_a_window_is_its_sum_a_negative_group_row_included(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    event = report([5])
-    event["usage"].append(dict(event["usage"][0], value=-3, groupBy={"model": "b"}))
-    assert deliver(client, event, "msg_neg_row").status_code == 400
-    assert stripe_fake.requests == []
+    event = report([500])
+    event["usage"][0]["groupBy"] = {"kind": "api"}
+    event["usage"].append(dict(event["usage"][0], value=-3, groupBy={"kind": "credit"}))
+    response = deliver(client, event, "msg_neg_row")
+    assert response.status_code == 200, response.json
+    assert list(stripe_fake.usage_records(billing.api).values()) == [497]
 
 
 # --- 3. rounding must not grow with the number of windows -------------------------------------
