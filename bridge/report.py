@@ -133,10 +133,7 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         subjects.add(query_subject)
     if len(subjects) != 1:
         raise BadRequest("a report must be about exactly one subject", subjects=sorted(subjects))
-    windows = tuple(
-        Window(start, end, value)
-        for (start, end), value in sorted(sums.items())
-    )
+    windows = tuple(Window(start, end, value) for (start, end), value in sorted(sums.items()))
     for earlier, later in itertools.pairwise(windows):
         if later.start < earlier.end:
             raise BadRequest(f"windows overlap: {earlier.start} and {later.start}")

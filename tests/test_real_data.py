@@ -193,6 +193,7 @@ def test_a_negative_window_is_refused_on_its_own_and_the_others_are_written(
     first = hours_ago(4)
     response = deliver(client, report([1, value, 4], meter=meter, first=first), "msg_neg1")
     assert response.status_code == 422, response.json
+    assert response.json is not None
     refused = response.json["refused"]
     assert [r["window_start"] for r in refused] == [(first + timedelta(hours=1)).isoformat()]
     assert "cannot be negative" in refused[0]["message"]
