@@ -4,6 +4,7 @@ errors          BridgeError and its answers (status, code, message, hint), Confi
 logs            JSON log lines, Prometheus metrics
 settings        Settings from the environment (secrets, addresses, budget, proxies)
 config          config.yaml: meter -> price and subject -> subscription mappings, validated
+config_yaml     config.yaml's text: plain YAML only (no aliases), keys as written, size and depth
 config_source   config.yaml live: re-read when its bytes change, the last good version kept
 signature       Svix: the signature, when an attempt was sent, the attempt's budget
 report          OpenMeter's report.meter event: strict JSON, windows, completeness
