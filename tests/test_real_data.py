@@ -20,9 +20,11 @@ from flask.testing import FlaskClient
 from app import create_app
 from bridge.config import Config, parse_config_file
 from bridge.config_source import ConfigSource
+from bridge.logs import metrics_text
 from tests.conftest import CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, hours_ago, iso, report
+from tests.test_operations import metric
 
 EXTRA_METERS = {"tokens": "price_1Raw", "api_calls": "price_1Hourly"}
 NOISE = "5.551115123125783e-17"  # 0.1 + 0.2 - 0.3 in float64
@@ -376,3 +378,36 @@ def test_a_file_unmodified_for_two_seconds_is_taken_at_its_first_read(config_pat
     os.utime(config_path, (time.time() - 2.5, time.time() - 2.5))  # say, `mv` of an older file
     clock.now += 1.01
     assert source.current().subjects["other"] == "sub_1Other"
+
+
+def window_count(outcome: str, kind: str = "meter_events") -> float:
+    """bridge_windows_total for one outcome, in this process (tests compare before and after)."""
+    return metric(metrics_text().decode(), "bridge_windows_total", kind=kind, outcome=outcome)
+
+
+def test_windows_a_200_leaves_out_are_counted_by_outcome_and_logged(
+    client: FlaskClient,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = {o: window_count(o) for o in ("written", "incomplete", "kept", "refused")}
+    start = hours_ago(6)
+    event = ranged(report([1, 2, 3], meter="tokens", first=start), start + timedelta(hours=1), None)
+    event["query"]["to"] = iso(start + timedelta(hours=3))
+    assert deliver(client, event, "msg_out1").status_code == 200  # its first window: incomplete
+    assert deliver(client, event, "msg_out2").status_code == 200  # a raw meter keeps the first
+    negative = report([-4], meter="tokens", first=start + timedelta(hours=3))
+    negative["usage"].append(
+        report([5], meter="tokens", first=start + timedelta(hours=4))["usage"][0]
+    )
+    assert deliver(client, negative, "msg_out3").status_code == 422
+    after = {o: window_count(o) for o in before}
+    assert {o: after[o] - before[o] for o in before} == {
+        "written": 2 + 1,
+        "incomplete": 2,
+        "kept": 2,
+        "refused": 1,
+    }
+    warnings = [r for r in caplog.records if r.getMessage() == "answered 200 with windows left out"]
+    assert [r.fields["left_out"] for r in warnings] == [1, 3]  # type: ignore[attr-defined]
