@@ -12,7 +12,14 @@ import stripe
 from bridge.config import Config, MeterMapping
 from bridge.errors import BridgeError
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
-from bridge.stripe_objects import Price, Subscription, fetch_meter, fetch_price, fetch_subscription
+from bridge.stripe_objects import (
+    Price,
+    Subscription,
+    fetch_meter,
+    fetch_price,
+    fetch_subscription,
+    fetch_thresholds,
+)
 
 
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
@@ -20,6 +27,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     rows: list[tuple[str, str, str]] = []
     meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
     meter_of_price: dict[str, str] = {}
+    legacy_prices: set[str] = set()  # usage records: refused on a subscription with thresholds
     found: dict[str, Subscription] = {}  # subject -> its subscription
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
@@ -31,6 +39,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         if price.usage_type != "metered":
             rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
         elif not price.meter:
+            legacy_prices.add(mapping.price)
             rows.append(legacy_price_row(entry, price, mapping))
         else:
             try:
@@ -66,6 +75,8 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         )
         if subscription.status not in ("active", "trialing"):
             rows.append((entry, "problem", f"{subscription_id} is {subscription.status}"))
+        elif problem := thresholds_problem(client, subscription, legacy_prices):
+            rows.append((entry, "problem", problem))
         elif missing:
             rows.append(
                 (entry, "problem", f"{subscription_id} has no item for {', '.join(missing)}")
@@ -79,6 +90,27 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 )
             )
     return rows + shared_customer_rows(found, meter_of_price)
+
+
+def thresholds_problem(
+    client: stripe.StripeClient, subscription: Subscription, legacy_prices: set[str]
+) -> str | None:
+    """Why a subscription with billing thresholds cannot take its legacy prices' usage records."""
+    legacy = sorted(price for price in subscription.items if price in legacy_prices)
+    if not legacy:
+        return None
+    try:
+        thresholds = fetch_thresholds(client, subscription.id)
+    except BridgeError as error:
+        return f"{subscription.id}: {error.message}"
+    items = [subscription.items[price].id for price in legacy]
+    if not thresholds.subscription and not thresholds.items.intersection(items):
+        return None
+    return (
+        f"{subscription.id} has billing thresholds, so Stripe takes only `increment` usage "
+        f"records and every report for {', '.join(legacy)} would be refused: remove the "
+        "thresholds, or bill those prices through Billing meters"
+    )
 
 
 def shared_customer_rows(

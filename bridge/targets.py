@@ -16,9 +16,11 @@ from bridge.stripe_objects import (
     Meter,
     StripeCaches,
     Subscription,
+    Thresholds,
     fetch_meter,
     fetch_price,
     fetch_subscription,
+    fetch_thresholds,
 )
 
 
@@ -112,6 +114,8 @@ def resolve_target(
     if not item.meter:
         price = caches.prices.get(mapping.price, partial(fetch_price, client))
         item = replace(item, aggregate_usage=price.aggregate_usage)
+        thresholds = caches.thresholds.get(subscription.id, partial(fetch_thresholds, client))
+        check_no_billing_thresholds(report.subject, subscription, item, thresholds)
     if item.meter:
         meter = caches.meters.get(item.meter, partial(fetch_meter, client))
         if not meter.active:
@@ -123,6 +127,32 @@ def resolve_target(
         check_one_price_per_meter(report.meter, subscription, meter, config)
         check_shared_customer(report.subject, subscription, meter, config, caches)
     return Target(subscription, item, mapping, meter, account)
+
+
+def check_no_billing_thresholds(
+    subject: str, subscription: Subscription, item: Item, thresholds: Thresholds
+) -> None:
+    """Refuses a legacy item whose subscription has billing thresholds, before any write.
+
+    Stripe takes only `increment` usage records there (Thresholds says where that is written),
+    and an increment repeated by a retry would count twice: the bridge writes only `set`.
+    """
+    where = (
+        f"subscription {subscription.id}" if thresholds.subscription
+        else f"item {item.id}" if item.id in thresholds.items
+        else None
+    )  # fmt: skip
+    if where:
+        raise StripeRefused(
+            f"{where} (subject {subject!r}) has billing thresholds, so Stripe takes only "
+            "`increment` usage records, which a retry would count twice; the bridge sets them",
+            "Remove the billing thresholds from the subscription and its items, or bill this "
+            "price through a Billing meter (meter events have no such rule); Svix retries for "
+            "about a day.",
+            subscription=subscription.id,
+            item=item.id,
+            subject=subject,
+        )
 
 
 def check_one_price_per_meter(
