@@ -17,6 +17,7 @@ from typing import Any
 
 from bridge.config_yaml import read_document
 from bridge.errors import ConfigError
+from bridge.sharing import offset_collisions
 
 ROUNDING_MODES = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "nearest": ROUND_HALF_UP}
 PRICE_ID = re.compile(r"price_[A-Za-z0-9]+")
@@ -97,9 +98,10 @@ def parse_config(
             subjects[subject] = subscription
         else:
             problems.append(f"subjects.{subject}: must be a Stripe subscription ID (sub_...)")
-    # Two entries on one Stripe target would set the same windows and overwrite each other's usage.
+    # Two meters on one price would set the same windows and overwrite each other's usage. Several
+    # subjects may share a subscription: each writes at a second of its own (bridge.sharing).
     _shared_targets("meters", {slug: mapping.price for slug, mapping in meters.items()}, problems)
-    _shared_targets("subjects", subjects, problems)
+    problems += offset_collisions(subjects)
     if problems:
         raise ConfigError(problems)
     return Config(meters=meters, subjects=subjects)

@@ -11,6 +11,7 @@ import stripe
 
 from bridge.config import Config, MeterMapping
 from bridge.errors import BridgeError
+from bridge.sharing import stripe_adds_up
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from bridge.stripe_objects import (
     Price,
@@ -28,6 +29,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
     meter_of_price: dict[str, str] = {}
     legacy_prices: set[str] = set()  # usage records: refused on a subscription with thresholds
+    adds_up: dict[str, bool] = {}  # price -> whether Stripe sums several subjects' writes to it
     found: dict[str, Subscription] = {}  # subject -> its subscription
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
@@ -40,6 +42,7 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
             rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
         elif not price.meter:
             legacy_prices.add(mapping.price)
+            adds_up[mapping.price] = stripe_adds_up("usage_records", price.aggregate_usage)
             rows.append(legacy_price_row(entry, price, mapping))
         else:
             try:
@@ -52,6 +55,9 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
             )
             meter_of_price[mapping.price] = meter.id
+            adds_up[mapping.price] = stripe_adds_up(
+                "meter_events", meter.formula, bool(meter.event_time_window)
+            )
             if (other := meter_users.setdefault(meter.id, entry)) != entry:
                 rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
                 continue
@@ -89,7 +95,11 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                     f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
                 )
             )
-    return rows + shared_customer_rows(found, meter_of_price)
+    return (
+        rows
+        + shared_customer_rows(found, meter_of_price)
+        + shared_subscription_rows(found, adds_up)
+    )
 
 
 def thresholds_problem(
@@ -124,7 +134,7 @@ def shared_customer_rows(
             if (meter := meter_of_price.get(price)) is None:
                 continue
             other = first.setdefault((subscription.customer, meter), subject)
-            if other != subject:
+            if other != subject and found[other].id != subscription.id:  # one subscription: below
                 rows.append((
                     f"subjects.{subject}",
                     "problem",
@@ -132,6 +142,29 @@ def shared_customer_rows(
                     f"as subjects.{other} ({found[other].id}) does: meter events are per "
                     "customer, so the two would overwrite or cancel each other",
                 ))  # fmt: skip
+    return rows
+
+
+def shared_subscription_rows(
+    found: Mapping[str, Subscription], adds_up: Mapping[str, bool]
+) -> list[tuple[str, str, str]]:
+    """A problem for each subject sharing a subscription with an earlier one on a mapped price
+    whose writes Stripe does not add up (bridge.sharing)."""
+    rows: list[tuple[str, str, str]] = []
+    first: dict[str, str] = {}  # subscription -> the first subject on it
+    for subject, subscription in found.items():
+        other = first.setdefault(subscription.id, subject)
+        replaced = sorted(
+            p for p in subscription.items if other != subject and not adds_up.get(p, True)
+        )
+        if replaced:
+            rows.append((
+                f"subjects.{subject}",
+                "problem",
+                f"{subscription.id} also bills subjects.{other}, and Stripe does not add up "
+                f"two subjects' usage of {', '.join(replaced)} (only a legacy sum price or a raw "
+                "sum meter does): one subject's windows would replace the other's",
+            ))  # fmt: skip
     return rows
 
 

@@ -20,6 +20,7 @@ from bridge.quantities import (
 )
 from bridge.report import Report, Window, incomplete
 from bridge.settings import DEFAULT_INVOICE_GRACE_SECONDS
+from bridge.sharing import OFFSET_SLOTS, subject_offset
 from bridge.stripe_objects import Item, Meter
 from bridge.targets import Target
 
@@ -114,6 +115,29 @@ def not_yet(window: Window, target: Target, now: datetime) -> str | None:
 def window_timestamp(window: Window) -> int:
     """One second after the window starts: inside it, in its billing period, and in the past."""
     return math.floor(window.start.timestamp()) + 1
+
+
+def subject_timestamp(window: Window, timestamp: int, target: Target, subject: str) -> int:
+    """On a subscription several subjects share, the subject's own second from `timestamp` on.
+
+    Its offset comes from its name (bridge.sharing), within what is left of the window (and of
+    the subscription): the same window of the same subject always lands on the same second, and
+    two subjects never on one (their usage records, or raw meter events, would replace each other).
+    """
+    if not target.co_subjects:
+        return timestamp
+    limit = math.ceil(min(window.end.timestamp(), target.subscription.final_end(target.item)))
+    room = min(limit - timestamp, OFFSET_SLOTS)
+    offset = subject_offset(subject, room)
+    if clash := [other for other in target.co_subjects if subject_offset(other, room) == offset]:
+        raise StripeRefused(
+            f"window {window.start.isoformat()}: subjects {subject!r} and {clash[0]!r} share "
+            f"subscription {target.subscription.id} and would take the same second of its "
+            f"{room} s left",
+            "Bill this window by hand, or map one subject to another subscription.",
+            window_start=window.start.isoformat(),
+        )
+    return timestamp + offset
 
 
 def check_not_ended(report: Report, target: Target) -> None:
@@ -258,6 +282,7 @@ def plan_writes(
             if target.meter:
                 check_meter_age(window, now)
             timestamp = in_billing_period(window, timestamp, target, now, grace)
+            timestamp = subject_timestamp(window, timestamp, target, report.subject)
         except StripeRefused as refusal:
             plan.refused.append(refusal.body())
             continue

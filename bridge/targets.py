@@ -11,6 +11,7 @@ import stripe
 from bridge.config import Config, MeterMapping
 from bridge.errors import SharedCustomer, StripeRefused, Unmapped
 from bridge.report import Report
+from bridge.sharing import co_subjects, stripe_adds_up
 from bridge.stripe_objects import (
     Item,
     Meter,
@@ -33,6 +34,7 @@ class Target:
     mapping: MeterMapping
     meter: Meter | None
     account: str = ""  # a fingerprint of the Stripe account's key (Settings.account)
+    co_subjects: tuple[str, ...] = ()  # the other subjects config.yaml maps to this subscription
 
     @property
     def kind(self) -> str:
@@ -126,7 +128,35 @@ def resolve_target(
             )
         check_one_price_per_meter(report.meter, subscription, meter, config)
         check_shared_customer(report.subject, subscription, meter, config, caches)
-    return Target(subscription, item, mapping, meter, account)
+    target = Target(
+        subscription, item, mapping, meter, account, co_subjects(config.subjects, report.subject)
+    )
+    check_shared_subscription(report.subject, target)
+    return target
+
+
+def check_shared_subscription(subject: str, target: Target) -> None:
+    """Refuses several subjects on one subscription where Stripe would not add up their windows."""
+    meter = target.meter
+    aggregation = meter.formula if meter else target.item.aggregate_usage
+    pre_aggregated = bool(meter and meter.event_time_window)
+    if not target.co_subjects or stripe_adds_up(target.kind, aggregation, pre_aggregated):
+        return
+    what = (
+        f"meter {meter.id} ({aggregation}, window {meter.event_time_window or 'none'})" if meter
+        else f"price {target.mapping.price} (aggregate_usage {aggregation})"
+    )  # fmt: skip
+    other = target.co_subjects[0]
+    raise SharedCustomer(
+        f"subjects {subject!r} and {other!r} share subscription {target.subscription.id}, and "
+        f"Stripe does not add up what two subjects send to {what}: one subject's windows "
+        "would replace the other's",
+        "Only a legacy sum price or a raw sum meter bills several subjects' sum. Map each "
+        "subject to a subscription of its own (another customer, for a meter), or report them "
+        "as one subject from OpenMeter; Svix retries for about a day.",
+        subjects=sorted([subject, other]),
+        subscription=target.subscription.id,
+    )
 
 
 def check_no_billing_thresholds(

@@ -70,8 +70,8 @@ def test_the_shipped_example_config_is_valid() -> None:
             "meters.b: price_1A is already used by meters.a",
         ),
         (
-            "subjects:\n  c: sub_1C\n  d: sub_1C\n",
-            "subjects.d: sub_1C is already used by subjects.c",
+            "subjects:\n  team-3: sub_1C\n  team-36: sub_1C\n",
+            "subjects.team-36: shares sub_1C with subjects.team-3",
         ),
     ],
 )

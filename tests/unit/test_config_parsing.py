@@ -75,16 +75,24 @@ def test_a_multiplier_is_a_sane_positive_number(multiplier: Any) -> None:
     assert found == ["meters.m.multiplier: must be a positive number such as 0.001"]
 
 
-def test_two_entries_on_one_stripe_target_are_refused() -> None:
+def test_two_meters_on_one_price_are_refused_and_subjects_may_share_a_subscription() -> None:
     found = problems(
         {"meters": {"a": "price_1", "b": "price_1"}, "subjects": {"x": "sub_1", "y": "sub_1"}}
     )
     assert found == [
         "meters.b: price_1 is already used by meters.a; both would set the same windows and "
         "overwrite each other",
-        "subjects.y: sub_1 is already used by subjects.x; both would set the same windows and "
-        "overwrite each other",
     ]
+
+
+def test_subjects_on_one_subscription_whose_names_give_one_second_are_refused() -> None:
+    # team-3 and team-36 hash to the same second of an hour (bridge.sharing.subject_offset).
+    subjects = {"team-3": "sub_1", "team-36": "sub_1", "team-4": "sub_1"}
+    found = problems({"meters": {"a": "price_1"}, "subjects": subjects})
+    assert len(found) == 1 and found[0].startswith(
+        "subjects.team-36: shares sub_1 with subjects.team-3"
+    )
+    parse_config({"meters": {"a": "price_1"}, "subjects": {"team-3": "sub_1", "team-36": "sub_2"}})
 
 
 def test_the_top_level_must_be_a_mapping() -> None:
