@@ -22,6 +22,17 @@ from bridge.stripe_objects import (
     fetch_thresholds,
 )
 
+# What a raw meter loses (docs/windows.md, "Late events"): OpenMeter accepts events dated in the
+# past, and its usage syncs offer no lag or look-back (schedule interval and startAt, query groupBy,
+# filter: openmeter.io/docs/cloud/guides/usage-syncs/overview); a raw meter keeps a window's first
+# event, so usage ingested after the report that first held the window whole is never billed.
+LATE_EVENTS_ON_A_RAW_METER = (
+    "a raw meter takes each window once, when a report first holds it whole: usage OpenMeter "
+    "ingests later for that window (late events) is never billed. If events can come late, bill "
+    "through a meter with event_time_window hour or day (the report's window size) and let each "
+    "report's range overlap the previous one: each window is then set again, with its late usage"
+)
+
 
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
     """Asks Stripe about every mapped price, meter and subscription: (entry, verdict, detail)."""
@@ -61,13 +72,12 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
             if (other := meter_users.setdefault(meter.id, entry)) != entry:
                 rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
                 continue
-            rows.append(
-                (
-                    entry,
-                    "ok" if meter.active else "problem",
-                    detail + ("" if meter.active else ", inactive"),
-                )
-            )
+            if not meter.active:
+                rows.append((entry, "problem", detail + ", inactive"))
+            elif not meter.event_time_window and meter.formula == "sum":
+                rows.append((entry, "warning", f"{detail}: {LATE_EVENTS_ON_A_RAW_METER}"))
+            else:
+                rows.append((entry, "ok", detail))
     for subject, subscription_id in config.subjects.items():
         entry = f"subjects.{subject}"
         try:

@@ -21,7 +21,7 @@ from app import create_app
 from bridge.config import Config, parse_config_file
 from bridge.config_source import ConfigSource
 from bridge.logs import metrics_text
-from tests.conftest import CONFIG_YAML, Billing, deliver
+from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, hours_ago, iso, report
 from tests.test_operations import metric
@@ -411,3 +411,44 @@ def test_windows_a_200_leaves_out_are_counted_by_outcome_and_logged(
     }
     warnings = [r for r in caplog.records if r.getMessage() == "answered 200 with windows left out"]
     assert [r.fields["left_out"] for r in warnings] == [1, 3]  # type: ignore[attr-defined]
+
+
+# --- late events: what a raw meter loses, and the setting that bills them ---------------------
+
+
+def test_late_usage_is_lost_on_a_raw_meter_and_billed_on_a_pre_aggregated_one(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    customer = customer_of(stripe_fake, billing)
+    start = hours_ago(6)
+    for meter in ("tokens", "api_calls"):
+        first = ranged(report([5], meter=meter, first=start), start, start + timedelta(hours=1))
+        assert deliver(client, first, f"msg_{meter}_1").status_code == 200
+        # 3 more units, dated in the first window, reach OpenMeter after its report ran: the next
+        # report overlaps it by one window and carries them.
+        late = ranged(report([8, 2], meter=meter, first=start), start, start + timedelta(hours=2))
+        assert deliver(client, late, f"msg_{meter}_2").status_code == 200
+    assert stripe_fake.meter_value("mtr_1Raw", customer) == 5 + 2  # the late 3 are never billed
+    assert stripe_fake.meter_value("mtr_1Hourly", customer) == 8 + 2
+
+
+def test_check_config_online_warns_that_a_raw_meter_loses_late_usage(
+    tmp_path: Path,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    app: Flask,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "late.yaml"
+    path.write_text(
+        "meters:\n  tokens: price_1Raw\n  api_calls: price_1Hourly\n"
+        "subjects:\n  customer-1: sub_1Customer1\n"
+    )
+    monkeypatch.setenv("STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", stripe_fake.url)
+    result = app.test_cli_runner().invoke(args=["check-config", str(path), "--online"])
+    assert result.exit_code == 0, result.output  # a warning, not a problem
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert "warning" in lines["meters.tokens"] and "late events" in lines["meters.tokens"]
+    assert "event_time_window hour or day" in lines["meters.tokens"]
+    assert "ok" in lines["meters.api_calls"] and "late" not in lines["meters.api_calls"]
