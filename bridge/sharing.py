@@ -32,6 +32,14 @@ def stripe_adds_up(kind: str, aggregation: str | None, pre_aggregated: bool = Fa
     return aggregation == "sum" and not pre_aggregated
 
 
+def may_share(
+    kind: str, aggregation: str | None, pre_aggregated: bool, same_subscription: bool
+) -> bool:
+    """Whether two subjects may bill one subscription item or one customer's meter: only through
+    one subscription (config.yaml then gives each its own second) and where Stripe adds up."""
+    return same_subscription and stripe_adds_up(kind, aggregation, pre_aggregated)
+
+
 def co_subjects(subjects: Mapping[str, str], subject: str) -> tuple[str, ...]:
     """The other subjects mapped to this subject's subscription, by name."""
     subscription = subjects.get(subject)

@@ -11,7 +11,7 @@ import stripe
 from bridge.config import Config, MeterMapping
 from bridge.errors import SharedCustomer, StripeRefused, Unmapped
 from bridge.report import Report
-from bridge.sharing import co_subjects, stripe_adds_up
+from bridge.sharing import co_subjects, may_share
 from bridge.stripe_objects import (
     Item,
     Meter,
@@ -140,7 +140,7 @@ def check_shared_subscription(subject: str, target: Target) -> None:
     meter = target.meter
     aggregation = meter.formula if meter else target.item.aggregate_usage
     pre_aggregated = bool(meter and meter.event_time_window)
-    if not target.co_subjects or stripe_adds_up(target.kind, aggregation, pre_aggregated):
+    if not target.co_subjects or may_share(target.kind, aggregation, pre_aggregated, True):
         return
     what = (
         f"meter {meter.id} ({aggregation}, window {meter.event_time_window or 'none'})" if meter
