@@ -9,7 +9,7 @@ import pytest
 
 from bridge.errors import StripeRefused
 from bridge.planning import plan_writes, subject_timestamp
-from bridge.sharing import OFFSET_SLOTS, co_subjects, stripe_adds_up, subject_offset
+from bridge.sharing import OFFSET_SLOTS, co_subjects, may_share, stripe_adds_up, subject_offset
 from tests.unit.objects import T0, legacy_target, meter_target, report, window
 
 NOW = T0 + timedelta(days=2)
@@ -85,3 +85,10 @@ def test_two_subjects_that_would_share_a_second_of_a_short_window_are_refused_th
     short = replace(window(0), end=window(0).start + timedelta(seconds=30))
     with pytest.raises(StripeRefused, match="same second"):
         subject_timestamp(short, START + 1, target, mine)
+
+
+def test_two_subjects_may_share_only_through_one_subscription_where_stripe_adds_up() -> None:
+    assert may_share("usage_records", "sum", False, same_subscription=True)
+    assert may_share("meter_events", "sum", False, same_subscription=True)
+    assert not may_share("meter_events", "sum", False, same_subscription=False)  # same second
+    assert not may_share("meter_events", "sum", True, same_subscription=True)
