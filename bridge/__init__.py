@@ -13,6 +13,7 @@ transport       stripe's HTTP transport (connections, proxies, per-request timeo
 stripe_api      the one Stripe client, its retries, what a Stripe error answers
 stripe_objects  subscriptions, prices and meters as read from Stripe, and their cache
 targets         which Stripe object bills a report (Target, resolve_target)
+sharing         several subjects on one subscription: what Stripe adds up, each one's second
 quantities      a window's value as Stripe takes it (Quantity, MeterValue, zero thresholds)
 planning        each window's checks, timestamp, key and write (plan_writes)
 ledger          what Stripe already accepted (SQLite, shared by the workers)
