@@ -286,6 +286,14 @@ def plan_writes(
         except StripeRefused as refusal:
             plan.refused.append(refusal.body())
             continue
+        if timestamp > now.timestamp() and target.co_subjects:  # Stripe takes no future second
+            plan.waiting.append(
+                {
+                    "window_start": window.start.isoformat(),
+                    "reason": "its subject's own second of the window is to come",
+                }
+            )
+            continue  # fmt: skip
         if target.meter:
             value = to_meter_value(usage, target.mapping)
             identifier = meter_event_identifier(message_id, target, timestamp, value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -92,3 +92,14 @@ def test_two_subjects_may_share_only_through_one_subscription_where_stripe_adds_
     assert may_share("meter_events", "sum", False, same_subscription=True)
     assert not may_share("meter_events", "sum", False, same_subscription=False)  # same second
     assert not may_share("meter_events", "sum", True, same_subscription=True)
+
+
+def test_a_shared_subjects_window_whose_second_is_to_come_waits() -> None:
+    target = replace(legacy_target(), co_subjects=("acme-eu",))
+    second = START + 1 + subject_offset("acme")
+    plan = plan_writes(report(window(0)), target, "m", datetime.fromtimestamp(second - 1, UTC))
+    assert plan.writes == [] and "to come" in plan.waiting[0]["reason"]
+    [write] = plan_writes(
+        report(window(0)), target, "m", datetime.fromtimestamp(second, UTC)
+    ).writes
+    assert write.timestamp == second
