@@ -141,16 +141,14 @@ class Cache(Generic[V]):
 
 @dataclass
 class StripeCaches:
-    """The Stripe objects kept between webhooks, each by its ID; and whom each customer's seen
-    subscriptions are."""
+    """The Stripe objects kept between webhooks, each by its ID: they save calls, never decide
+    (what every worker must agree on lives in the ledger)."""
 
     subscriptions: Cache[Subscription] = field(default_factory=Cache)
     meters: Cache[Meter] = field(default_factory=Cache)
     # Legacy prices read at acacia: the endive spec's POST /v1/prices/{price} cannot change
     # recurring or transform_quantity, so a cached one never goes stale.
     prices: Cache[Price] = field(default_factory=Cache)
-    # customer -> the subscriptions seen billing it: enough to find two subjects on one customer
-    customers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:

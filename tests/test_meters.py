@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-import bridge.writing
 from tests.conftest import deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import hours_ago, report
@@ -315,7 +314,8 @@ def test_concurrent_reports_to_one_meter_are_written_one_at_a_time(
         thread.join()
     assert statuses == [200, 200, 200]
     assert not [r for r in stripe_fake.requests if r.status == 429]
-    assert bridge.writing._locks == {}  # the last writer drops an object's lock
+    ledger = client.application.extensions["bridge"].ledger
+    assert ledger._locks._threads == {}  # the last writer drops an object's thread lock
 
 
 def test_raw_meter_leaves_out_a_window_open_when_the_report_was_made(

@@ -116,6 +116,7 @@ def test_settings_from_a_complete_environment() -> None:
             "TRUSTED_PROXIES": "1",
             "FORWARDED_ALLOW_IPS": "10.0.0.0/8, 127.0.0.1",
             "STATE_PATH": "",
+            "DATABASE_URL": "postgresql://bridge@db.internal/bridge",
             "CONFIG_PATH": "/etc/bridge.yaml",
         }
     )
@@ -126,7 +127,8 @@ def test_settings_from_a_complete_environment() -> None:
         port=9000,
         trusted_proxies=1,
         forwarded_allow_ips=("10.0.0.0/8", "127.0.0.1"),
-        state_path=None,  # empty: no ledger
+        state_path="",  # unused: the ledger is PostgreSQL
+        database_url="postgresql://bridge@db.internal/bridge",
         time_budget=8.5,
     )
 
