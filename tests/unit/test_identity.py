@@ -16,8 +16,20 @@ from bridge.identity import (
 )
 from tests.unit.objects import legacy_target, meter_target
 
-RAW = {"event_name": "tokens", "customer": "cus_1", "timestamp": 100, "value": "1", "raw": True}
-HOURLY = RAW | {"raw": False}
+
+def ident(
+    message: str = "msg_1",
+    *,
+    event_name: str = "tokens",
+    customer: str = "cus_1",
+    timestamp: int = 100,
+    value: str = "1",
+    raw: bool = True,
+) -> str:
+    """A meter event identifier, with defaults for what a test does not vary."""
+    return meter_event_identifier(
+        message, event_name=event_name, customer=customer, timestamp=timestamp, value=value, raw=raw
+    )
 
 
 def test_an_idempotency_key_is_the_message_and_what_the_write_means() -> None:
@@ -44,28 +56,21 @@ def test_a_fresh_key_after_a_5xx_is_new_per_nonce_and_fits() -> None:
 
 
 def test_a_raw_meter_takes_one_event_per_window_ever() -> None:
-    assert meter_event_identifier("msg_1", **RAW) == meter_event_identifier(
-        "msg_2", **RAW | {"value": "2"}
-    )
-    assert meter_event_identifier("msg_1", **RAW) != meter_event_identifier(
-        "msg_1", **RAW | {"timestamp": 101}
-    )
+    assert ident("msg_1") == ident("msg_2", value="2")
+    assert ident("msg_1") != ident("msg_1", timestamp=101)
 
 
 def test_a_pre_aggregated_meter_takes_one_event_per_message_and_window() -> None:
-    assert meter_event_identifier("msg_1", **HOURLY) != meter_event_identifier("msg_2", **HOURLY)
-    assert meter_event_identifier("msg_1", **HOURLY) == meter_event_identifier("msg_1", **HOURLY)
+    assert ident("msg_1", raw=False) != ident("msg_2", raw=False)
+    assert ident("msg_1", raw=False) == ident("msg_1", raw=False)
     # The same message converted to another value (a multiplier fix) is new to the bucket.
-    assert meter_event_identifier("msg_1", **HOURLY) != meter_event_identifier(
-        "msg_1", **HOURLY | {"value": "1000"}
-    )
+    assert ident("msg_1", raw=False) != ident("msg_1", raw=False, value="1000")
 
 
 def test_an_identifier_names_the_meter_and_customer_and_fits_stripes_100() -> None:
-    one = meter_event_identifier("m", **RAW)
-    assert one != meter_event_identifier("m", **RAW | {"customer": "cus_2"})
-    assert one != meter_event_identifier("m", **RAW | {"event_name": "calls"})
-    assert re.fullmatch(r"om-[0-9a-f]{48}", one)
+    assert ident() != ident(customer="cus_2")
+    assert ident() != ident(event_name="calls")
+    assert re.fullmatch(r"om-[0-9a-f]{48}", ident())
 
 
 def test_the_lock_key_is_the_item_or_the_customers_meter() -> None:
