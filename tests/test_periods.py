@@ -3,6 +3,7 @@ saved 5xx answers, and what "already written" means. Each against the fake Strip
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -367,3 +368,38 @@ def test_billing_cycle_reset_inside_an_open_window_bills_its_earlier_value_twice
     assert records[start] == 3  # on the old period's invoice
     assert records[reset] == 5  # and the whole window again in the new period: 3 billed twice
     assert datetime.fromtimestamp(reset, UTC) > window  # the reset fell inside the window
+
+
+def test_a_remap_between_attempts_names_the_windows_written_to_the_old_place(
+    connect: Connect,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    event = report([10, 20, 30])
+    before = connect({"customer-1": billing.customer1})
+    # With this seed only the third write is rate limited: the first attempt writes two windows.
+    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=0)
+    first = deliver(before, event, "msg_remap")
+    assert first.status_code == 503 and answer(first)["written"] == 2
+    stripe_fake.clear_faults()
+    after = connect({"customer-1": "sub_1Newcomer"})  # the operator remaps the subject
+    bridge_log = logging.getLogger("bridge")
+    bridge_log.addHandler(caplog.handler)  # the bridge's logger does not propagate
+    try:
+        response = deliver(after, event, "msg_remap")  # Svix's next attempt
+    finally:
+        bridge_log.removeHandler(caplog.handler)
+    assert response.status_code == 200 and answer(response)["sent"] == 3
+    stamps = [
+        datetime.fromtimestamp(t, UTC).isoformat() for t in stripe_fake.usage_records(billing.api)
+    ]
+    old_place = f"usage_records/{billing.api}"
+    assert answer(response)["written_elsewhere"] == [
+        {"place": old_place, "timestamp": stamp} for stamp in sorted(stamps)
+    ]
+    [warning] = [
+        r for r in caplog.records if r.getMessage() == "message already wrote to another place"
+    ]
+    assert warning.levelno == logging.WARNING
+    assert stripe_fake.usage_total(stripe_fake.item_id("sub_1Newcomer", "price_1Api")) == 60
