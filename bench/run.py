@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench import ledger_cost
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from tests.harness import (
     Running,
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             "between requests"
         )
     facts.update(targets(rows, facts, args.latency))
+    coordination = ledger_cost.run(args.smoke)
     python = sys.version.split()[0]
     print(
         f"fake Stripe latency {args.latency * 1000:.0f} ms; {os.cpu_count()} CPUs; Python {python}"
@@ -407,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     for key, value in facts.items():
         print(f"{key}: {value}")
+    print("ledger and lock per webhook, on top of its Stripe calls (bench/ledger_cost.py):")
+    for row in coordination:
+        print("  " + ", ".join(f"{key} {value}" for key, value in row.items()))
     return 1 if problems else 0
 
 

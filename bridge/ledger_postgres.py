@@ -46,6 +46,15 @@ class PostgresLedger(SqlLedger):
             self._ensure_schema()  # at start, when the database is there; else on first use
         except LedgerUnavailable as error:
             log_event("ledger unavailable at start", logging.WARNING, error=error.message)
+        finally:
+            self._close()  # gunicorn forks after this: each worker opens a pool of its own
+
+    def _close(self) -> None:
+        """Closes this process's pool (the next use opens another)."""
+        with self._guard:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool = None
 
     def _connections(self) -> psycopg_pool.ConnectionPool:
         """This process's pool, opened after gunicorn forks (a pool does not survive a fork)."""
@@ -80,7 +89,7 @@ class PostgresLedger(SqlLedger):
         self._migrated = True
 
     @contextmanager
-    def _transaction(self) -> Iterator[Run]:
+    def _transaction(self, write: bool = True) -> Iterator[Run]:
         """One transaction on a pooled connection."""
         self._ensure_schema()
         with self._connection() as connection, connection.transaction():

@@ -74,8 +74,8 @@ class SqlLedger:
     def __init__(self) -> None:
         self._expired_at = 0.0
 
-    def _transaction(self) -> AbstractContextManager[Run]:
-        """One transaction (LedgerUnavailable if the ledger cannot be reached)."""
+    def _transaction(self, write: bool = True) -> AbstractContextManager[Run]:
+        """One transaction, reading only unless write (LedgerUnavailable if unreachable)."""
         raise NotImplementedError
 
     def section(self, lock_key: str) -> AbstractContextManager[None]:
@@ -117,7 +117,7 @@ class SqlLedger:
         done: set[str] = set()
         holders: dict[int, tuple[float, str]] = {}
         fresh: dict[str, str] = {}
-        with self._transaction() as run:
+        with self._transaction(write=False) as run:
             for part in chunks([w.key for w in writes]):
                 # Only placeholders are formatted in, never a value.
                 sql = f"SELECT key FROM writes WHERE place = ? AND key IN ({marks(len(part))})"  # noqa: S608
@@ -168,7 +168,7 @@ class SqlLedger:
 
     def written_elsewhere(self, message_id: str, place: str) -> list[Elsewhere]:
         """The windows this message wrote to places other than this one."""
-        with self._transaction() as run:
+        with self._transaction(write=False) as run:
             rows = run(
                 "SELECT place, timestamp FROM writes WHERE message = ? AND place != ? "
                 "ORDER BY place, timestamp",

@@ -133,11 +133,12 @@ class SqliteLedger(SqlLedger):
             raise
 
     @contextmanager
-    def _transaction(self) -> Iterator[Run]:
-        """One write transaction; a ledger that cannot be opened or written is a 503."""
+    def _transaction(self, write: bool = True) -> Iterator[Run]:
+        """One transaction (a write takes SQLite's write lock at once: no upgrade deadlocks);
+        a ledger that cannot be opened or written is a 503."""
         try:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except (sqlite3.Error, OSError) as error:
             self._local.connection = None
             raise unavailable(self.path, error) from error
