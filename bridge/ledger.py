@@ -98,12 +98,11 @@ class Progress:
     def __init__(self, ledger: Ledger, message: Message, place: str) -> None:
         self._ledger, self._message, self._place = ledger, message, place
         self._accepted: list[Write] = []
-        self.written = 0
+        self.done = False  # set once the attempt wrote every window, none left waiting
 
     def accepted(self, write: Write) -> None:
         """Notes one write Stripe accepted."""
         self._accepted.append(write)
-        self.written += 1
         if len(self._accepted) >= self.SIZE:
             self.flush(done=False)
 
@@ -114,15 +113,13 @@ class Progress:
 
 
 @contextmanager
-def writing(ledger: Ledger, message: Message, target: Target, complete: bool) -> Iterator[Progress]:
+def writing(ledger: Ledger, message: Message, target: Target) -> Iterator[Progress]:
     """The target's critical section: what is left is recorded before the section ends, so that
     a newer report for the same windows, waiting for it in any worker, finds them; the message
-    is done if the block ended normally and complete (no window waits for a later attempt)."""
+    is done if the block set progress.done (every window written, none waiting)."""
     with ledger.section(target.lock_key):
         progress = Progress(ledger, message, target.place)
-        done = False
         try:
             yield progress
-            done = complete
         finally:
-            progress.flush(done)
+            progress.flush(progress.done)

@@ -14,19 +14,19 @@ from svix.webhooks import Webhook
 from bridge import identity
 from bridge.config import Config
 from bridge.config_source import ConfigSource
-from bridge.errors import ConfigError, WindowsWaiting
+from bridge.errors import ConfigError, StripeRefused, WindowsWaiting
 from bridge.ledger import Ledger, Message, Pending, Seen, writing
 from bridge.ledger_postgres import PostgresLedger
 from bridge.ledger_sqlite import SqliteLedger
 from bridge.logs import log_event
-from bridge.planning import plan_writes
+from bridge.planning import Plan, plan_writes
 from bridge.quantities import check_negative
 from bridge.report import Report, decode_json, event_type, parse_report
 from bridge.settings import Settings, config_path, settings_from_env
 from bridge.stripe_api import make_stripe_client
 from bridge.stripe_objects import StripeCaches
 from bridge.targets import Target, claim_for, claim_refusal, clash, resolve_target, still_mapped
-from bridge.writing import write_facts, write_report
+from bridge.writing import Sent, write_facts, write_report
 
 
 @dataclass
@@ -133,22 +133,39 @@ def process_event(
         answer["written_elsewhere"] = elsewhere
     # The newer-wins check, the writes and their record: one critical section, in one worker of
     # one replica at a time, so a newer report for the same windows is never undone by this one.
-    with writing(ledger, message, target, complete=not plan.waiting) as progress:
+    with writing(ledger, message, target) as progress:
         pending = ledger.pending(plan.writes, target.place, target.raw_meter, message)
         warn_skipped(pending)
-        write_report(bridge.stripe, bridge.caches.subscriptions, target, pending.writes,
-                     progress.accepted, on_fresh_key=lambda w, key: ledger.replace_key(w.key, key),
-                     planned_refusals=plan.refused, waiting=plan.waiting)  # fmt: skip
-    sent, skipped = len(pending.writes), len(plan.writes) - len(pending.writes)
+        sent = write_report(
+            bridge.stripe, bridge.caches.subscriptions, target, pending.writes, progress.accepted,
+            on_fresh_key=lambda write, key: ledger.replace_key(write.key, key),
+        )  # fmt: skip
+        progress.done = sent.complete and not plan.refused and not plan.waiting
+    return outcome(answer, plan, pending, sent)
+
+
+def outcome(answer: dict[str, Any], plan: Plan, pending: Pending, sent: Sent) -> dict[str, Any]:
+    """The attempt's one answer: 200 with what was sent, or the error that outranks the others
+    (Stripe unavailable, then refused windows, then windows that wait)."""
+    if sent.stopped is not None:
+        raise sent.stopped
+    if refused := plan.refused + sent.refused:
+        total = len(plan.writes) + len(plan.refused)
+        raise StripeRefused(
+            f"{len(refused)} of {total} windows refused: {refused[0]['message']}",
+            refused[0]["hint"],
+            refused=refused,
+            **({"waiting": plan.waiting} if plan.waiting else {}),  # a 422 outranks their 503
+        )
     if plan.waiting:
         raise WindowsWaiting(
             f"{len(plan.waiting)} of {len(plan.writes) + len(plan.waiting)} windows must wait: "
             f"{plan.waiting[0]['window_start']} {plan.waiting[0]['reason']}",
             "Nothing to do: Svix retries, and the windows are written once they can be.",
-            written=sent,
+            written=sent.written,
             waiting=plan.waiting,
         )
-    return answer | {"sent": sent, "skipped": skipped}
+    return answer | {"sent": sent.written, "skipped": len(plan.writes) - len(pending.writes)}
 
 
 def made_at(seen: Seen, sent_at: float | None, now: datetime) -> datetime:

@@ -6,11 +6,12 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import stripe
 
-from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
+from bridge.errors import BridgeError, StripeUnavailable
 from bridge.identity import fresh_key
 from bridge.logs import WINDOWS_WRITTEN, log_event
 from bridge.planning import Write
@@ -122,6 +123,20 @@ def write_facts(target: Target, write: Write) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Sent:
+    """What sending a report's windows came to, as a value the service answers from."""
+
+    written: int  # windows Stripe took
+    refused: list[dict[str, Any]]  # each refused window's 422 body
+    stopped: StripeUnavailable | None  # the transient failure that ended the attempt, if one did
+
+    @property
+    def complete(self) -> bool:
+        """Whether every window was written."""
+        return not self.refused and self.stopped is None
+
+
 def write_report(
     client: stripe.StripeClient,
     subscriptions: Cache[Subscription],
@@ -130,16 +145,11 @@ def write_report(
     on_accepted: Callable[[Write], None],
     *,
     on_fresh_key: Callable[[Write, str], None] = lambda write, key: None,
-    planned_refusals: Sequence[dict[str, Any]] = (),
-    waiting: Sequence[dict[str, str]] = (),
-) -> None:
-    """Sends every window in order; a refused window does not keep the others from Stripe.
-
-    planned_refusals: windows the plan refused (Stripe would bill them in no period), answered
-    together with any Stripe refuses, once the others are written. waiting: windows a later
-    attempt writes, named in a refusal too (a 422 outranks the 503 that would name them).
-    """
-    refused = list(planned_refusals)
+) -> Sent:
+    """Sends every window in order; a refused window does not keep the others from Stripe, a
+    transient failure ends the attempt (Svix's next one resumes: the ledger skips what Stripe
+    has accepted)."""
+    refused: list[dict[str, Any]] = []
     written = 0
     for write in writes:
         facts = write_facts(target, write)
@@ -155,11 +165,11 @@ def write_report(
                 stripe_request_id=getattr(error, "request_id", None),
             )
             if isinstance(problem, StripeUnavailable):
-                # Svix's next attempt resumes: the ledger skips what Stripe has accepted.
                 progress = {"written": written, "remaining": len(writes) - written}
-                raise StripeUnavailable(
+                stopped = StripeUnavailable(
                     problem.message, problem.hint, **problem.details, **progress
-                ) from error
+                )
+                return Sent(written, refused, stopped)
             # A refusal may come from a subscription changed since it was cached (an item
             # removed, a price swapped): drop the copy, so that Svix's retry reads it afresh.
             subscriptions.forget(target.subscription.id)
@@ -176,14 +186,7 @@ def write_report(
             )
         WINDOWS_WRITTEN.labels(target.kind).inc()
         log_event("stripe write", **facts, stripe_request_id=request_id)
-    if refused:
-        raise StripeRefused(
-            f"{len(refused)} of {len(writes) + len(planned_refusals)} windows refused: "
-            f"{refused[0]['message']}",
-            refused[0]["hint"],
-            refused=refused,
-            **({"waiting": list(waiting)} if waiting else {}),
-        )
+    return Sent(written, refused, None)
 
 
 def write_problem(error: stripe.StripeError | StripeUnavailable, write: Write) -> BridgeError:
