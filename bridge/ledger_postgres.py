@@ -9,6 +9,7 @@ versioned at start, under an advisory lock every process shares.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -47,9 +48,9 @@ class PostgresLedger(SqlLedger):
         except LedgerUnavailable as error:
             log_event("ledger unavailable at start", logging.WARNING, error=error.message)
         finally:
-            self._close()  # gunicorn forks after this: each worker opens a pool of its own
+            self.close()  # gunicorn forks after this: each worker opens a pool of its own
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Closes this process's pool (the next use opens another)."""
         with self._guard:
             if self._pool is not None and self._pid == os.getpid():
@@ -64,8 +65,7 @@ class PostgresLedger(SqlLedger):
                 self._pool = psycopg_pool.ConnectionPool(
                     self._url, min_size=1, max_size=34, open=True, timeout=CONNECT_SECONDS,
                     kwargs={"autocommit": True, "connect_timeout": int(CONNECT_SECONDS)},
-                    check=psycopg_pool.ConnectionPool.check_connection,
-                )  # fmt: skip
+                )  # fmt: skip  # a connection the server dropped fails once (503), then is replaced
                 self._pid = os.getpid()
             return self._pool
 
@@ -107,9 +107,11 @@ class PostgresLedger(SqlLedger):
         wait_ms = max(int(min(time_left(), 60.0) * 1000), 1)
         with self._connection() as connection:
             try:
-                # lock_timeout bounds the wait for an advisory lock too (a "lock" wait).
-                connection.execute(f"SET lock_timeout = {wait_ms}")
-                connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+                # lock_timeout bounds the wait for an advisory lock too (a "lock" wait). Both
+                # numbers are ints made here: one round trip (the simple query protocol).
+                connection.execute(
+                    f"SET lock_timeout = {wait_ms}; SELECT pg_advisory_lock({key})".encode()
+                )
             except psycopg.errors.LockNotAvailable as error:
                 raise StripeUnavailable(
                     f"another webhook kept {lock_key} busy until the time budget ran out",
@@ -119,11 +121,9 @@ class PostgresLedger(SqlLedger):
                 yield
             finally:
                 # A broken connection has lost the lock with its session; the pool drops it.
-                try:
-                    connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                    connection.execute("SET lock_timeout = 0")
-                except psycopg.Error:
-                    pass  # the session is gone, and its lock with it
+                with contextlib.suppress(psycopg.Error):
+                    unlock = f"SELECT pg_advisory_unlock({key}); RESET lock_timeout"
+                    connection.execute(unlock.encode())
 
 
 def _runner(connection: psycopg.Connection[Any]) -> Run:

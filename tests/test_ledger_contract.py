@@ -42,9 +42,12 @@ def open_backend(kind: str, where: str) -> Ledger:
 
 
 @pytest.fixture
-def ledger(backend: tuple[str, str]) -> Ledger:
+def ledger(backend: tuple[str, str]) -> Iterator[Ledger]:
     """A fresh ledger of each kind."""
-    return open_backend(*backend)
+    ledger = open_backend(*backend)
+    yield ledger
+    if isinstance(ledger, PostgresLedger):
+        ledger.close()  # its pool's threads end here, not in a garbage collection
 
 
 def write(hour: int, value: int, message: str = "msg") -> Write:
