@@ -112,7 +112,6 @@ def process_event(
     seen = ledger.begin(message_id, sent_at)  # a 503 if the ledger cannot be reached
     target = bridge.target(report, config)
     facts["kind"] = answer["kind"] = target.kind
-    check_claim(ledger, target, report, config)
     mapping = target.mapping
     meaning = identity.message_digest(digest, target.place, mapping.multiplier, mapping.rounding)
     message = Message(message_id, meaning, seen.first_seen)
@@ -121,6 +120,7 @@ def process_event(
     plan = plan_writes(
         report, target, message_id, now, made_at=made_at(seen, sent_at, now), grace=grace
     )
+    check_claim(ledger, target, report, config)  # once the report could be written
     if plan.left_out:
         answer["incomplete"] = plan.left_out
         log_event(
