@@ -98,7 +98,7 @@ class SqliteLedger(SqlLedger):
     """The ledger in one SQLite file (WAL mode), for the workers of one host."""
 
     NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-    BUSY_SECONDS = 1.0  # a wait for SQLite's own write lock (transactions are short), past the budget
+    BUSY_SECONDS = 1.0  # a wait for SQLite's own write lock (transactions are short)
 
     def __init__(self, path: str) -> None:
         super().__init__()
