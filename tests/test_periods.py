@@ -220,6 +220,25 @@ def test_two_subjects_on_one_customer_and_meter_are_422_once_both_are_known(
     assert len(stripe_fake.meter_events()) == sent  # team-a's bucket is not overwritten
 
 
+def test_a_claim_mapped_away_gives_the_customers_meter_to_the_next_subject(
+    connect: Connect, stripe_fake: FakeStripe
+) -> None:
+    shared_customer(stripe_fake)
+    first = hours_ago(3)
+    both = connect({"team-a": "sub_1TeamA", "team-b": "sub_1TeamB"})
+    assert (
+        deliver(both, report([1], subject="team-a", meter="calls", first=first)).status_code == 200
+    )
+    b_event = report([2], subject="team-b", meter="calls", first=first - timedelta(hours=1))
+    assert deliver(both, b_event, "msg_b").status_code == 422
+    only_b = connect({"team-b": "sub_1TeamB"})  # the operator moved team-a off this customer
+    response = deliver(only_b, b_event, "msg_b")
+    assert response.status_code == 200, response.json
+    again = connect({"team-a": "sub_1TeamA", "team-b": "sub_1TeamB"})  # team-a mapped back
+    refused = deliver(again, report([3], subject="team-a", meter="calls", first=first), "msg_a2")
+    assert refused.status_code == 422 and answer(refused)["subjects"] == ["team-a", "team-b"]
+
+
 def test_two_subjects_on_one_customer_with_usage_records_are_fine(
     connect: Connect, stripe_fake: FakeStripe
 ) -> None:

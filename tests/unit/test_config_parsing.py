@@ -162,3 +162,17 @@ def test_the_cli_needs_only_what_it_uses() -> None:
     assert settings.webhook_secrets == ()
     with pytest.raises(ConfigError, match="STRIPE_API_KEY is not set"):
         settings_from_env({}, required=["STRIPE_API_KEY"])
+
+
+def test_the_ledger_is_required_and_its_url_is_never_quoted() -> None:
+    base = {"STRIPE_API_KEY": "rk_test_1", "OPENMETER_WEBHOOK_SECRET": SECRET}
+    with pytest.raises(ConfigError) as error:
+        settings_from_env(base | {"STATE_PATH": " "})
+    assert error.value.problems[0].startswith("STATE_PATH is empty")
+    with pytest.raises(ConfigError) as error:
+        settings_from_env(base | {"DATABASE_URL": "mysql://bridge:pa55word@db/bridge"})
+    [problem] = error.value.problems
+    assert problem.startswith("DATABASE_URL must be a postgresql:// URL")
+    assert "pa55word" not in problem
+    url = "postgres://bridge:pa55word@db/bridge"
+    assert settings_from_env(base | {"STATE_PATH": "", "DATABASE_URL": url}).database_url == url
