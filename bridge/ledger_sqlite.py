@@ -98,7 +98,10 @@ class SqliteLedger(SqlLedger):
     """The ledger in one SQLite file (WAL mode), for the workers of one host."""
 
     NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-    BUSY_SECONDS = 1.0  # a wait for SQLite's own write lock (transactions are short)
+    # A wait for SQLite's write lock: what is left of the webhook's budget, at least a second (a
+    # record after the budget ran out still gets one) and at most 10 s. Transactions are short;
+    # only a starved CPU makes them wait long.
+    MIN_BUSY_SECONDS, MAX_BUSY_SECONDS = 1.0, 10.0
 
     def __init__(self, path: str) -> None:
         super().__init__()
@@ -112,7 +115,10 @@ class SqliteLedger(SqlLedger):
         if connection is None or self._local.pid != os.getpid():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             connection = sqlite3.connect(
-                self.path, timeout=self.BUSY_SECONDS, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=self.MIN_BUSY_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
             )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
@@ -138,6 +144,8 @@ class SqliteLedger(SqlLedger):
         a ledger that cannot be opened or written is a 503."""
         try:
             db = self._db()
+            busy = min(max(time_left(), self.MIN_BUSY_SECONDS), self.MAX_BUSY_SECONDS)
+            db.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except (sqlite3.Error, OSError) as error:
             self._local.connection = None
