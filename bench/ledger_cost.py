@@ -44,7 +44,7 @@ def one_webhook(ledger: Ledger, sender: str, number: int) -> float:
     ledger.written_elsewhere(message_id, place)
     message = Message(message_id, "digest", seen.first_seen)
     stamp = int(START.timestamp()) + 60 * number
-    window = Window(START, START, Decimal(1), Decimal(1))
+    window = Window(START, START, Decimal(1))
     write = Write(window, stamp, MeterValue(Decimal(1)), f"om-{message_id}")
     with time_budget(12), ledger.section(f"cus_{sender}/mtr_bench"):
         pending = ledger.pending([write], place, False, message)

@@ -18,7 +18,7 @@ from bridge.errors import ConfigError, StripeRefused, WindowsWaiting
 from bridge.ledger import Ledger, Message, Pending, Seen, writing
 from bridge.ledger_postgres import PostgresLedger
 from bridge.ledger_sqlite import SqliteLedger
-from bridge.logs import log_event
+from bridge.logs import count_windows, log_event
 from bridge.planning import Plan, plan_writes
 from bridge.quantities import check_negative
 from bridge.report import Report, decode_json, event_type, parse_report
@@ -121,6 +121,7 @@ def process_event(
         report, target, message_id, now, made_at=made_at(seen, sent_at, now), grace=grace
     )
     check_claim(ledger, target, report, config)  # once the report could be written
+    count_windows(target.kind, incomplete=len(plan.left_out), waiting=len(plan.waiting))
     if plan.left_out:
         answer["incomplete"] = plan.left_out
         log_event(
@@ -136,20 +137,24 @@ def process_event(
     with writing(ledger, message, target) as progress:
         pending = ledger.pending(plan.writes, target.place, target.raw_meter, message)
         warn_skipped(pending)
+        count_windows(target.kind, superseded=pending.superseded, kept=pending.kept)
         sent = write_report(
             bridge.stripe, bridge.caches.subscriptions, target, pending.writes, progress.accepted,
             on_fresh_key=lambda write, key: ledger.replace_key(write.key, key),
         )  # fmt: skip
         progress.done = sent.complete and not plan.refused and not plan.waiting
-    return outcome(answer, plan, pending, sent)
+    return outcome(answer, target, plan, pending, sent)
 
 
-def outcome(answer: dict[str, Any], plan: Plan, pending: Pending, sent: Sent) -> dict[str, Any]:
+def outcome(
+    answer: dict[str, Any], target: Target, plan: Plan, pending: Pending, sent: Sent
+) -> dict[str, Any]:
     """The attempt's one answer: 200 with what was sent, or the error that outranks the others
     (Stripe unavailable, then refused windows, then windows that wait)."""
     if sent.stopped is not None:
         raise sent.stopped
     if refused := plan.refused + sent.refused:
+        count_windows(target.kind, refused=len(refused))
         total = len(plan.writes) + len(plan.refused)
         raise StripeRefused(
             f"{len(refused)} of {total} windows refused: {refused[0]['message']}",
@@ -164,6 +169,16 @@ def outcome(answer: dict[str, Any], plan: Plan, pending: Pending, sent: Sent) ->
             "Nothing to do: Svix retries, and the windows are written once they can be.",
             written=sent.written,
             waiting=plan.waiting,
+        )
+    if left_out := len(plan.left_out) + pending.superseded + pending.kept:
+        log_event(
+            "answered 200 with windows left out",
+            logging.WARNING,
+            left_out=left_out,
+            incomplete=len(plan.left_out),
+            superseded=pending.superseded,
+            kept=pending.kept,
+            hint="these windows are not billed by this report; see bridge_windows_total",
         )
     return answer | {"sent": sent.written, "skipped": len(plan.writes) - len(pending.writes)}
 

@@ -12,14 +12,17 @@ from bridge import identity
 from bridge.config import Config, MeterMapping
 from bridge.errors import BridgeError, SharedCustomer, StripeRefused, Unmapped
 from bridge.report import Report
+from bridge.sharing import co_subjects, may_share
 from bridge.stripe_objects import (
     Item,
     Meter,
     StripeCaches,
     Subscription,
+    Thresholds,
     fetch_meter,
     fetch_price,
     fetch_subscription,
+    fetch_thresholds,
 )
 
 
@@ -31,6 +34,7 @@ class Target:
     item: Item
     mapping: MeterMapping
     meter: Meter | None
+    co_subjects: tuple[str, ...] = ()  # the other subjects config.yaml maps to this subscription
 
     @property
     def kind(self) -> str:
@@ -109,6 +113,8 @@ def resolve_target(
     if not item.meter:
         price = caches.prices.get(mapping.price, partial(fetch_price, client))
         item = replace(item, aggregate_usage=price.aggregate_usage)
+        thresholds = caches.thresholds.get(subscription.id, partial(fetch_thresholds, client))
+        check_no_billing_thresholds(report.subject, subscription, item, thresholds)
     if item.meter:
         meter = caches.meters.get(item.meter, partial(fetch_meter, client))
         if not meter.active:
@@ -118,7 +124,61 @@ def resolve_target(
                 meter=meter.id,
             )
         check_one_price_per_meter(report.meter, subscription, meter, config)
-    return Target(subscription, item, mapping, meter)
+    target = Target(
+        subscription, item, mapping, meter, co_subjects(config.subjects, report.subject)
+    )
+    check_shared_subscription(report.subject, target)
+    return target
+
+
+def check_shared_subscription(subject: str, target: Target) -> None:
+    """Refuses several subjects on one subscription where Stripe would not add up their windows."""
+    meter = target.meter
+    aggregation = meter.formula if meter else target.item.aggregate_usage
+    pre_aggregated = bool(meter and meter.event_time_window)
+    if not target.co_subjects or may_share(target.kind, aggregation, pre_aggregated, True):
+        return
+    what = (
+        f"meter {meter.id} ({aggregation}, window {meter.event_time_window or 'none'})" if meter
+        else f"price {target.mapping.price} (aggregate_usage {aggregation})"
+    )  # fmt: skip
+    other = target.co_subjects[0]
+    raise SharedCustomer(
+        f"subjects {subject!r} and {other!r} share subscription {target.subscription.id}, and "
+        f"Stripe does not add up what two subjects send to {what}: one subject's windows "
+        "would replace the other's",
+        "Only a legacy sum price or a raw sum meter bills several subjects' sum. Map each "
+        "subject to a subscription of its own (another customer, for a meter), or report them "
+        "as one subject from OpenMeter; Svix retries for about a day.",
+        subjects=sorted([subject, other]),
+        subscription=target.subscription.id,
+    )
+
+
+def check_no_billing_thresholds(
+    subject: str, subscription: Subscription, item: Item, thresholds: Thresholds
+) -> None:
+    """Refuses a legacy item whose subscription has billing thresholds, before any write.
+
+    Stripe takes only `increment` usage records there (Thresholds says where that is written),
+    and an increment repeated by a retry would count twice: the bridge writes only `set`.
+    """
+    where = (
+        f"subscription {subscription.id}" if thresholds.subscription
+        else f"item {item.id}" if item.id in thresholds.items
+        else None
+    )  # fmt: skip
+    if where:
+        raise StripeRefused(
+            f"{where} (subject {subject!r}) has billing thresholds, so Stripe takes only "
+            "`increment` usage records, which a retry would count twice; the bridge sets them",
+            "Remove the billing thresholds from the subscription and its items, or bill this "
+            "price through a Billing meter (meter events have no such rule); Svix retries for "
+            "about a day.",
+            subscription=subscription.id,
+            item=item.id,
+            subject=subject,
+        )
 
 
 def check_one_price_per_meter(
@@ -169,10 +229,18 @@ def claim_for(target: Target, subject: str, slug: str) -> Claim | None:
 def clash(held: Claim, new: Claim, meter: Meter) -> bool:
     """Whether two claims' events would overwrite or cancel each other on this meter.
 
-    Another subject or another mapped meter on one customer's meter: a pre-aggregated meter
-    keeps only the newest event per bucket, a raw one only the first per window identifier.
+    Another mapped meter on one customer's meter always does; another subject does unless
+    Stripe adds up what both send (sharing.may_share: through one subscription, whose subjects
+    each take a second of their own, to a raw sum meter). A pre-aggregated meter keeps only the
+    newest event per bucket, a raw one only the first per window identifier.
     """
-    return (held.subject, held.slug) != (new.subject, new.slug)
+    if held.slug != new.slug:
+        return True
+    same_subscription = held.subscription == new.subscription
+    pre_aggregated = bool(meter.event_time_window)
+    return held.subject != new.subject and not may_share(
+        "meter_events", meter.formula, pre_aggregated, same_subscription
+    )
 
 
 def still_mapped(claim: Claim, config: Config) -> bool:

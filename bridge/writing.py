@@ -13,7 +13,7 @@ import stripe
 
 from bridge.errors import BridgeError, StripeUnavailable
 from bridge.identity import fresh_key
-from bridge.logs import WINDOWS_WRITTEN, log_event
+from bridge.logs import WINDOWS_WRITTEN, count_windows, log_event
 from bridge.planning import Write
 from bridge.quantities import meter_value_text
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION, call_stripe, classify
@@ -184,6 +184,7 @@ def write_report(
                 **facts,
                 hint="a correction of this window, if it was one, is not applied",
             )
+        count_windows(target.kind, **{"kept" if request_id is None else "written": 1})
         WINDOWS_WRITTEN.labels(target.kind).inc()
         log_event("stripe write", **facts, stripe_request_id=request_id)
     return Sent(written, refused, None)

@@ -53,7 +53,7 @@ def ledger(backend: tuple[str, str]) -> Iterator[Ledger]:
 def write(hour: int, value: int, message: str = "msg") -> Write:
     """A usage record for the hour-long window starting `hour` hours after 2026-11-01."""
     start = datetime(2026, 11, 1, hour, tzinfo=UTC)
-    window = Window(start, start.replace(hour=hour + 1), Decimal(value), Decimal(value))
+    window = Window(start, start.replace(hour=hour + 1), Decimal(value))
     stamp = int(start.timestamp()) + 1
     return Write(window, stamp, Quantity(value), f"{message}:si_1:{stamp}:{value}")
 
