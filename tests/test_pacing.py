@@ -1,0 +1,183 @@
+"""The Stripe rate budget end to end: the fake's rate limit, writes paced under it and shared by
+the workers, an early 503 when the budget cannot serve an attempt, 429s counted and slowing."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import stripe
+from flask import Flask
+from prometheus_client import REGISTRY
+
+from app import create_app
+from tests.conftest import API_KEY, Billing, deliver
+from tests.fake_stripe import FakeStripe
+from tests.harness import hours_ago, report
+
+
+def answer(response: Any) -> dict[str, Any]:
+    """A test client response's JSON body."""
+    body = response.json
+    assert isinstance(body, dict)
+    return body
+
+
+def minutes(values: list[int], hours: int = 30) -> dict[str, Any]:
+    """A report of one-minute windows, far enough back to be in the current period."""
+    return report(values, first=hours_ago(hours), size=timedelta(minutes=1))
+
+
+def refused(fake: FakeStripe) -> int:
+    """How many requests the fake's rate limit answered 429."""
+    return fake.rate_limit.refused if fake.rate_limit else 0
+
+
+def count_429(reason: str) -> float:
+    """This process's bridge_stripe_429_total for a reason."""
+    return REGISTRY.get_sample_value("bridge_stripe_429_total", {"reason": reason}) or 0.0
+
+
+def pacing_app(environment: dict[str, str], rate: str, **extra: str) -> Flask:
+    """The service with a given STRIPE_MAX_RATE."""
+    return create_app(environment | {"STRIPE_MAX_RATE": rate, **extra})
+
+
+# --- the fake's rate limit ----------------------------------------------------------------------
+
+
+def test_the_fake_answers_stripes_429_with_the_reason_beyond_its_rate(
+    stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    stripe_fake.limit_rate(5, burst=5)
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": stripe_fake.url})
+    errors: list[stripe.RateLimitError] = []
+    for _ in range(12):
+        try:
+            client.v1.prices.retrieve("price_1Api")
+        except stripe.RateLimitError as error:
+            errors.append(error)
+    assert len(errors) >= 6 and refused(stripe_fake) == len(errors)
+    error = errors[0]
+    assert error.http_status == 429 and error.error is not None
+    assert error.error.code == "rate_limit"
+    assert (error.headers or {}).get("Stripe-Rate-Limited-Reason") == "global-rate"
+
+
+def test_a_rate_limited_write_is_not_saved_under_its_idempotency_key(
+    stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    stripe_fake.limit_rate(1, burst=1)
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": stripe_fake.url})
+    client.v1.prices.retrieve("price_1Api")  # the one token
+    path = f"/v1/subscription_items/{billing.api}/usage_records"
+    timestamp = int(hours_ago(2).timestamp())
+    params: dict[str, Any] = {"quantity": 3, "timestamp": timestamp, "action": "set"}
+
+    def write() -> Any:
+        return client.raw_request(
+            "post", path, **params, idempotency_key="k1", stripe_version="2025-02-24.acacia"
+        )
+
+    with pytest.raises(stripe.RateLimitError):
+        write()
+    stripe_fake.limit_rate(None)
+    write()
+    assert stripe_fake.usage_total(billing.api) == 3
+
+
+# --- writes wait for the budget ------------------------------------------------------------------
+
+
+def test_writes_wait_for_the_budget_and_stay_under_stripes_limit(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    stripe_fake.limit_rate(10)
+    client = pacing_app(environment, "8").test_client()
+    started = time.monotonic()
+    response = deliver(client, minutes(list(range(1, 25))), "msg_paced")
+    assert response.status_code == 200, response.json
+    assert refused(stripe_fake) == 0
+    assert stripe_fake.usage_total(billing.api) == sum(range(1, 25))
+    assert time.monotonic() - started >= 23 / 8  # 24 writes, one every 1/8 s
+
+
+def test_the_budget_is_shared_by_every_worker(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    # Two apps are two workers: each has its own Stripe client, pacer and SQLite connections,
+    # and only the file beside the ledger in common (tests/unit/test_pacing.py forks processes).
+    stripe_fake.limit_rate(12)
+    workers = [pacing_app(environment, "10") for _ in range(2)]
+    subjects = ["customer-1", "acme"]
+
+    def send(number: int) -> int:
+        event = report(
+            list(range(1, 11)), subject=subjects[number % 2], first=hours_ago(20 + number),
+            size=timedelta(minutes=1),
+        )  # fmt: skip
+        client = workers[number // 4].test_client()
+        return deliver(client, event, f"msg_shared_{number}").status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(send, range(8)))
+    assert statuses == [200] * 8
+    assert refused(stripe_fake) == 0
+    assert stripe_fake.usage_total(billing.api) + stripe_fake.usage_total(billing.acme_api) == (
+        8 * sum(range(1, 11))
+    )
+
+
+# --- an attempt the budget cannot serve ----------------------------------------------------------
+
+
+def test_a_report_the_budget_cannot_serve_in_time_answers_503_early_and_resumes(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    stripe_fake.limit_rate(5)
+    client = pacing_app(environment, "4", TIME_BUDGET_SECONDS="3").test_client()
+    event = minutes(list(range(1, 21)))
+    first = deliver(client, event, "msg_early")
+    assert first.status_code == 503
+    body = answer(first)
+    assert body["error"] == "stripe_unavailable" and "STRIPE_MAX_RATE" in body["message"]
+    assert body["written"] >= 1 and body["written"] + body["remaining"] == 20
+    statuses = [503]
+    while statuses[-1] != 200 and len(statuses) < 10:
+        statuses.append(deliver(client, event, "msg_early").status_code)
+    assert statuses[-1] == 200
+    assert refused(stripe_fake) == 0
+    assert stripe_fake.usage_total(billing.api) == sum(range(1, 21))
+    writes = [r for r in stripe_fake.requests if r.path.endswith("/usage_records")]
+    assert len(writes) == 20  # each window sent once: progress is kept between attempts
+
+
+# --- Stripe's 429s -------------------------------------------------------------------------------
+
+
+def test_a_rate_limited_answer_is_counted_retried_and_pauses_the_budget(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    client = pacing_app(environment, "1000").test_client()
+    assert deliver(client, minutes([1]), "msg_warm").status_code == 200  # subscription cached
+    before = count_429("global-rate")
+    stripe_fake.inject("429_rate", path="usage_records", count=1)
+    started = time.monotonic()
+    response = deliver(client, minutes([5], hours=10), "msg_limited")
+    assert response.status_code == 200, response.json
+    assert time.monotonic() - started >= 1.0  # the budget's pause, not only call_stripe's 0.5 s
+    assert count_429("global-rate") == before + 1
+    assert stripe_fake.usage_total(billing.api) == 6
+
+
+def test_a_lock_timeout_is_counted_without_a_reason(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    client = pacing_app(environment, "1000").test_client()
+    before = count_429("none")
+    stripe_fake.inject("429_lock", path="usage_records", count=1)
+    assert deliver(client, minutes([2]), "msg_locked").status_code == 200
+    assert count_429("none") == before + 1
