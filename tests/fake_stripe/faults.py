@@ -49,6 +49,8 @@ class RateLimit:
                 return True
             self.refused += 1
             return False
+
+
 # These write nothing; of them only a 500 is saved under its idempotency key (as Stripe does).
 _REFUSING_FAULTS = ("500", "429_lock", "429_rate", "drop")
 
