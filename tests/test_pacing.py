@@ -61,10 +61,10 @@ def test_the_fake_answers_stripes_429_with_the_reason_beyond_its_rate(
         except stripe.RateLimitError as error:
             errors.append(error)
     assert len(errors) >= 6 and refused(stripe_fake) == len(errors)
-    error = errors[0]
-    assert error.http_status == 429 and error.error is not None
-    assert error.error.code == "rate_limit"
-    assert (error.headers or {}).get("Stripe-Rate-Limited-Reason") == "global-rate"
+    first = errors[0]
+    assert first.http_status == 429 and first.error is not None
+    assert first.error.code == "rate_limit"
+    assert (first.headers or {}).get("Stripe-Rate-Limited-Reason") == "global-rate"
 
 
 def test_a_rate_limited_write_is_not_saved_under_its_idempotency_key(

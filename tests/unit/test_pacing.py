@@ -85,6 +85,7 @@ def _take(path: str, count: int, queue: multiprocessing.Queue[float]) -> None:
     store = SQLiteStore(path, "acct")
     for _ in range(count):
         wait = store.advance(lambda slot: reserve(slot, 1000.0, 10.0, 1e9))
+        assert wait is not None
         queue.put(wait)
 
 
