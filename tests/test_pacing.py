@@ -3,6 +3,8 @@ the workers, an early 503 when the budget cannot serve an attempt, 429s counted 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -16,7 +18,7 @@ from prometheus_client import REGISTRY
 from app import create_app
 from tests.conftest import API_KEY, Billing, deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import hours_ago, report
+from tests.harness import PROJECT, hours_ago, report
 
 
 def answer(response: Any) -> dict[str, Any]:
@@ -181,3 +183,28 @@ def test_a_lock_timeout_is_counted_without_a_reason(
     stripe_fake.inject("429_lock", path="usage_records", count=1)
     assert deliver(client, minutes([2]), "msg_locked").status_code == 200
     assert count_429("none") == before + 1
+
+
+# --- sizing ---------------------------------------------------------------------------------------
+
+
+def test_check_config_prints_the_sizing_for_the_config_and_stripe_max_rate(
+    app: Flask, config_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STRIPE_MAX_RATE", "50")
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["check-config", str(config_path), "--windows", "24"])
+    assert result.exit_code == 0, result.output
+    # The tests' config: 3 subjects x 4 meters, each reporting 24 windows at once.
+    assert "STRIPE_MAX_RATE 50/s, 12 reports (subjects x meters) of 24 windows" in result.output
+    assert "one wave of attempts writes at most 575 windows" in result.output
+    assert "Svix endpoint throttle: 1.88 messages/s" in result.output
+
+
+def test_the_fanout_bench_smoke_run_loses_and_doubles_nothing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.fanout", "--smoke"],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("0/0") == 2, result.stdout  # lost/doubled, both scenarios
