@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=24, help="windows per report (w)")
     parser.add_argument("--writes-per-rate", type=float, default=20.0,
                         help="N = ceil(this x R / w): N·w >= 20·R by default")  # fmt: skip
-    parser.add_argument("--latency", type=float, default=0.1, help="fake Stripe latency (s)")
+    parser.add_argument("--latency", type=float, default=0.05, help="fake Stripe latency (s)")
     parser.add_argument("--time-scale", type=float, default=0.01,
                         help="Svix's retry delays times this (0.01: 5 min -> 3 s)")  # fmt: skip
     parser.add_argument("--headroom", type=float, default=0.9,
