@@ -8,6 +8,7 @@ config_source   config.yaml live: re-read when its bytes change, the last good v
 signature       Svix: the signature, when an attempt was sent, the attempt's budget
 report          OpenMeter's report.meter event: strict JSON, windows, completeness
 budget          the webhook's time budget, which bounds every Stripe call
+pacing          the Stripe rate budget (STRIPE_MAX_RATE), shared by workers and replicas
 transport       stripe's HTTP transport (connections, proxies, per-request timeouts)
 stripe_api      the one Stripe client, its retries, what a Stripe error answers
 stripe_objects  subscriptions, prices and meters as read from Stripe, and their cache
@@ -18,5 +19,6 @@ ledger          what Stripe already accepted (SQLite, shared by the workers)
 writing         sending the writes: one writer per lock key, the ledger batch
 service         Bridge (all a webhook needs), make_bridge, process_event
 online_check    check-config --online: Stripe's view of every mapping
+sizing          check-config's sizing for Svix's fan-out: waves, the throttle to set
 cli             the flask commands: check-config, replay
 """
