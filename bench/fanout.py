@@ -71,10 +71,20 @@ class Outcome:
                 else "-"
             ),
             f"> {SVIX_ATTEMPTS} attempts": sum(a > SVIX_ATTEMPTS for a in self.attempts),
+            "Svix wait (real time)": svix_time(self.attempts),
             "unfinished": self.unfinished,
             "answers": " ".join(f"{k}:{v}" for k, v in sorted(self.answers.items())),
             "lost/doubled": f"{self.lost}/{self.doubled}",
         }
+
+
+def svix_time(attempts: list[int]) -> str:
+    """How long after the burst the last message's successful attempt would come in real time:
+    Svix's unscaled delays before it (the attempts' own seconds apart)."""
+    worst = max(attempts, default=1)
+    delays = (*SVIX_DELAYS, *(SVIX_DELAYS[-1],) * max(0, worst - 1 - len(SVIX_DELAYS)))
+    seconds = sum(delays[: worst - 1])
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 class Svix:
@@ -178,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__)
     parser.add_argument("--rates", default="25,100", help="the fake's limits R, requests/s")
     parser.add_argument("--windows", type=int, default=24, help="windows per report (w)")
-    parser.add_argument("--writes-per-rate", type=float, default=20.0,
-                        help="N = ceil(this x R / w): N·w >= 20·R by default")  # fmt: skip
+    parser.add_argument("--writes-per-rate", type=float, default=30.0,
+                        help="N = ceil(this x R / w): N·w >= 30·R by default")  # fmt: skip
     parser.add_argument("--latency", type=float, default=0.05, help="fake Stripe latency (s)")
     parser.add_argument("--time-scale", type=float, default=0.01,
                         help="Svix's retry delays times this (0.01: 5 min -> 3 s)")  # fmt: skip
