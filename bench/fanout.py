@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="throttle = headroom x R / w messages/s")  # fmt: skip
     parser.add_argument("--deadline", type=float, default=900.0, help="give up after (s)")
     parser.add_argument("--only", choices=("throttled", "unthrottled"), help="one scenario")
+    parser.add_argument("--max-rate", type=float,
+                        help="STRIPE_MAX_RATE (default R; 10000: no budget)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="R=25, 4 reports of 5 windows")
     args = parser.parse_args(argv)
     rates = [25.0] if args.smoke else [float(r) for r in args.rates.split(",")]
@@ -210,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                 workdir = Path(folder) / f"{name}-{rate:g}"
                 # The bridge's budget is the fake's whole limit: the bench is the account's
                 # only user (in production STRIPE_MAX_RATE leaves room for the rest).
-                with running(args.latency, workdir, subjects=reports, max_rate=rate) as stack:
+                budget = args.max_rate or rate
+                with running(args.latency, workdir, subjects=reports, max_rate=budget) as stack:
                     outcome = scenario(stack, name, reports, windows, rate, args)
                 rows.append(outcome.row())
                 problems += outcome.lost + outcome.doubled + outcome.unfinished
     print(
         f"fake Stripe latency {args.latency * 1000:.0f} ms; Svix delays x {args.time_scale:g}; "
-        f"STRIPE_MAX_RATE = R; gunicorn as the container runs it"
+        f"STRIPE_MAX_RATE = {args.max_rate or 'R'}; gunicorn as the container runs it"
     )
     print_table(rows)
     return 1 if problems else 0
