@@ -9,8 +9,8 @@ whose slot falls after the attempt's time budget is not sent at all (503, progre
 ledger), and a 429 pushes the schedule back for everyone.
 
 The schedule is one number per Stripe account, "the next free slot", advanced atomically in a
-shared store: SQLite next to the ledger for the workers of one host (below), a database row for
-replicas (the same `advance` in one transaction, SELECT ... FOR UPDATE).
+shared store: SQLite next to the ledger for the workers of one host, a PostgreSQL row for replicas
+(the same `advance` in one transaction, SELECT ... FOR UPDATE).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import psycopg
+from psycopg_pool import ConnectionPool
 
 from bridge.errors import StripeUnavailable
 from bridge.logs import RATE_BUDGET_REFUSED, log_event
@@ -109,6 +112,37 @@ class SQLiteStore:
         return result
 
 
+class PostgresStore:
+    """The schedule in a PostgreSQL row shared by every replica (the shared ledger's database).
+
+    The replicas' wall clocks set the slots: NTP keeps them within milliseconds, far less than
+    a slot at Stripe's rates; a clock that steps back is caught by MAX_AHEAD_SECONDS.
+    """
+
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS pacing "
+        "(account TEXT PRIMARY KEY, slot DOUBLE PRECISION NOT NULL)"
+    )
+
+    def __init__(self, pool: ConnectionPool, account: str) -> None:
+        self.pool = pool
+        self.account = account
+        with pool.connection() as db:
+            db.execute(self.SCHEMA)
+            db.execute(
+                "INSERT INTO pacing VALUES (%s, 0) ON CONFLICT (account) DO NOTHING", (account,)
+            )
+
+    def advance(self, step: Callable[[float], tuple[float, T]]) -> T:
+        """Advances the schedule under the row lock (SELECT ... FOR UPDATE), in one transaction."""
+        with self.pool.connection() as db, db.transaction():
+            query = "SELECT slot FROM pacing WHERE account = %s FOR UPDATE"
+            row = db.execute(query, (self.account,)).fetchone()
+            slot, result = step(float(row[0]) if row else 0.0)
+            db.execute("UPDATE pacing SET slot = %s WHERE account = %s", (slot, self.account))
+        return result
+
+
 def reserve(slot: float, now: float, rate: float, max_wait: float) -> tuple[float, float | None]:
     """One request's turn: (the new next free slot, seconds to wait), or (slot, None) when the
     turn would come after max_wait, in which case nothing is taken."""
@@ -158,7 +192,7 @@ class Pacer:
         """Advances the shared schedule; if its store fails, this process's own."""
         try:
             return self.store.advance(step)
-        except (sqlite3.Error, OSError) as error:
+        except (sqlite3.Error, psycopg.Error, OSError) as error:
             log_event("rate budget store unavailable", logging.WARNING, error=str(error))
             return self._fallback.advance(step)
 

@@ -14,8 +14,10 @@ import pytest
 import stripe
 from flask import Flask
 from prometheus_client import REGISTRY
+from psycopg_pool import ConnectionPool
 
 from app import create_app
+from bridge.pacing import PostgresStore, reserve
 from tests.conftest import API_KEY, Billing, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, hours_ago, report
@@ -208,3 +210,20 @@ def test_the_fanout_bench_smoke_run_loses_and_doubles_nothing() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("0/0") == 2, result.stdout  # lost/doubled, both scenarios
+
+
+def test_replicas_sharing_a_postgresql_row_never_get_the_same_turn(postgres_url: str) -> None:
+    pools = [ConnectionPool(postgres_url, min_size=1, max_size=4, open=True) for _ in range(2)]
+    try:
+        stores = [PostgresStore(pool, "acct") for pool in pools]  # two replicas
+        PostgresStore(pools[0], "other").advance(lambda slot: reserve(slot, 1000.0, 10.0, 1e9))
+
+        def take(store: PostgresStore) -> list[float | None]:
+            return [store.advance(lambda s: reserve(s, 1000.0, 10.0, 1e9)) for _ in range(20)]
+
+        with ThreadPoolExecutor(4) as threads:
+            waits = [w for found in threads.map(take, stores * 2) for w in found]
+        assert sorted(round(w or 0.0, 6) for w in waits) == [round(n / 10, 6) for n in range(80)]
+    finally:
+        for pool in pools:
+            pool.close()
