@@ -149,7 +149,7 @@ def reserve(slot: float, now: float, rate: float, max_wait: float) -> tuple[floa
     if slot > now + MAX_AHEAD_SECONDS:
         slot = now
     start = max(slot, now)
-    if start - now > max_wait:
+    if start > now and start - now > max_wait:  # a turn due now is the attempt's own to judge
         return slot, None
     return start + 1.0 / rate, start - now
 

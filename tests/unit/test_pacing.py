@@ -41,6 +41,11 @@ def test_a_turn_after_max_wait_is_refused_and_takes_nothing() -> None:
     assert reserve(103.0, 100.0, 4.0, 3.0) == (103.25, 3.0)
 
 
+def test_a_turn_due_now_is_given_however_little_time_is_left() -> None:
+    # call_stripe decides whether a request still fits; the budget only refuses to wait.
+    assert reserve(50.0, 100.0, 4.0, -0.3) == (100.25, 0.0)
+
+
 def test_a_slot_too_far_ahead_means_the_clock_stepped_back() -> None:
     assert reserve(100.0 + MAX_AHEAD_SECONDS + 1, 100.0, 4.0, 1.0) == (100.25, 0.0)
 
