@@ -3,11 +3,13 @@ the workers, an early 503 when the budget cannot serve an attempt, 429s counted 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -227,3 +229,31 @@ def test_replicas_sharing_a_postgresql_row_never_get_the_same_turn(postgres_url:
     finally:
         for pool in pools:
             pool.close()
+
+
+class Records(logging.Handler):
+    """Keeps the bridge's log records (whatever handlers configure_logging left)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keeps the message."""
+        self.messages.append(record.getMessage())
+
+
+def test_a_broken_budget_store_falls_back_to_the_process_own(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    app = pacing_app(environment, "1000", STATE_PATH=str(blocker / "state.sqlite3"))
+    records = Records()
+    logging.getLogger("bridge").addHandler(records)
+    try:
+        assert deliver(app.test_client(), minutes([4]), "msg_nostore").status_code == 200
+    finally:
+        logging.getLogger("bridge").removeHandler(records)
+    assert stripe_fake.usage_total(billing.api) == 4
+    assert "rate budget store unavailable" in records.messages
