@@ -162,16 +162,18 @@ def pause(slot: float, now: float) -> tuple[float, None]:
 class Pacer:
     """The rate budget: every Stripe request waits for its turn, within the attempt's time."""
 
-    def __init__(self, store: PaceStore, rate: float) -> None:
+    def __init__(self, store: PaceStore, rate: float, workers: int = 1) -> None:
         self.store = store
         self.rate = rate
+        # If the shared store fails, each of the host's workers paces its own share.
         self._fallback = MemoryStore()
+        self._fallback_rate = rate / max(workers, 1)
 
     def wait_turn(self, time_left: float) -> None:
         """Waits for this request's turn; raises StripeUnavailable (503) at once if the turn comes
         too late for the attempt, so that Svix retries instead of Stripe answering 429."""
         max_wait = time_left - SEND_MARGIN_SECONDS
-        wait = self._advance(lambda slot: reserve(slot, time.time(), self.rate, max_wait))
+        wait = self._advance(lambda slot, rate: reserve(slot, time.time(), rate, max_wait))
         if wait is None:
             RATE_BUDGET_REFUSED.inc()
             raise StripeUnavailable(
@@ -186,15 +188,16 @@ class Pacer:
 
     def slow_down(self) -> None:
         """After a 429 for a rate limit: pushes the schedule back for every worker."""
-        self._advance(lambda slot: pause(slot, time.time()))
+        self._advance(lambda slot, _rate: pause(slot, time.time()))
 
-    def _advance(self, step: Callable[[float], tuple[float, T]]) -> T:
-        """Advances the shared schedule; if its store fails, this process's own."""
+    def _advance(self, step: Callable[[float, float], tuple[float, T]]) -> T:
+        """Advances the shared schedule at the whole rate; if its store fails, this process's own
+        at its share."""
         try:
-            return self.store.advance(step)
+            return self.store.advance(lambda slot: step(slot, self.rate))
         except (sqlite3.Error, psycopg.Error, OSError) as error:
             log_event("rate budget store unavailable", logging.WARNING, error=str(error))
-            return self._fallback.advance(step)
+            return self._fallback.advance(lambda slot: step(slot, self._fallback_rate))
 
 
 def default_rate(api_key: str) -> float:
@@ -213,5 +216,5 @@ def make_pacer(settings: Settings) -> Pacer:
     without a ledger, each of the host's WEB_CONCURRENCY workers paces its own share."""
     if settings.state_path:
         store = SQLiteStore(pacing_path(settings.state_path), settings.account)
-        return Pacer(store, settings.stripe_max_rate)
+        return Pacer(store, settings.stripe_max_rate, settings.workers)
     return Pacer(MemoryStore(), settings.stripe_max_rate / settings.workers)
