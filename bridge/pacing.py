@@ -15,6 +15,7 @@ shared store: SQLite next to the ledger for the workers of one host, a PostgreSQ
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -113,7 +114,7 @@ class SQLiteStore:
 
 
 class PostgresStore:
-    """The schedule in a PostgreSQL row shared by every replica (the shared ledger's database).
+    """The schedule in a PostgreSQL row shared by every replica (DATABASE_URL, as the ledger).
 
     The replicas' wall clocks set the slots: NTP keeps them within milliseconds, far less than
     a slot at Stripe's rates; a clock that steps back is caught by MAX_AHEAD_SECONDS.
@@ -124,23 +125,42 @@ class PostgresStore:
         "(account TEXT PRIMARY KEY, slot DOUBLE PRECISION NOT NULL)"
     )
 
-    def __init__(self, pool: ConnectionPool, account: str) -> None:
-        self.pool = pool
+    def __init__(self, url: str, account: str) -> None:
+        self.url = url
         self.account = account
-        with pool.connection() as db:
-            db.execute(self.SCHEMA)
-            db.execute(
-                "INSERT INTO pacing VALUES (%s, 0) ON CONFLICT (account) DO NOTHING", (account,)
-            )
+        self._pool: ConnectionPool | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def _connections(self) -> ConnectionPool:
+        """This process's pool, opened after gunicorn forks (a pool does not survive a fork)."""
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                pool = ConnectionPool(self.url, min_size=1, max_size=4, timeout=2.0, open=True)
+                with pool.connection() as db:
+                    db.execute(self.SCHEMA)
+                    db.execute(
+                        "INSERT INTO pacing VALUES (%s, 0) ON CONFLICT (account) DO NOTHING",
+                        (self.account,),
+                    )
+                self._pool, self._pid = pool, os.getpid()
+            return self._pool
 
     def advance(self, step: Callable[[float], tuple[float, T]]) -> T:
         """Advances the schedule under the row lock (SELECT ... FOR UPDATE), in one transaction."""
-        with self.pool.connection() as db, db.transaction():
+        with self._connections().connection() as db, db.transaction():
             query = "SELECT slot FROM pacing WHERE account = %s FOR UPDATE"
             row = db.execute(query, (self.account,)).fetchone()
             slot, result = step(float(row[0]) if row else 0.0)
             db.execute("UPDATE pacing SET slot = %s WHERE account = %s", (slot, self.account))
         return result
+
+    def close(self) -> None:
+        """Closes this process's pool."""
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool = None
 
 
 def reserve(slot: float, now: float, rate: float, max_wait: float) -> tuple[float, float | None]:
@@ -206,15 +226,25 @@ def default_rate(api_key: str) -> float:
     return DEFAULT_LIVE_RATE if live else DEFAULT_TEST_RATE
 
 
+def budget_account(api_key: str) -> str:
+    """Whose schedule it is: a hash of the key, never the key. A rotated key of the same account
+    starts a schedule of its own, for as long as workers with the old key run."""
+    return hashlib.sha256(b"stripe-rate-budget\n" + api_key.encode()).hexdigest()[:24]
+
+
 def pacing_path(state_path: str) -> str:
     """Where the host's schedule lives: beside the ledger."""
     return os.path.join(os.path.dirname(os.path.abspath(state_path)), "pacing.sqlite3")
 
 
 def make_pacer(settings: Settings) -> Pacer:
-    """The budget shared through a file beside the ledger (per account: a hash of the key);
-    without a ledger, each of the host's WEB_CONCURRENCY workers paces its own share."""
-    if settings.state_path:
-        store = SQLiteStore(pacing_path(settings.state_path), settings.account)
-        return Pacer(store, settings.stripe_max_rate, settings.workers)
-    return Pacer(MemoryStore(), settings.stripe_max_rate / settings.workers)
+    """The budget shared where the ledger is: a PostgreSQL row for replicas (DATABASE_URL), else a
+    SQLite file beside the ledger for the host's workers; one schedule per account (a hash of
+    the key)."""
+    account = budget_account(settings.stripe_api_key)
+    store: PaceStore
+    if settings.database_url:
+        store = PostgresStore(settings.database_url, account)
+    else:
+        store = SQLiteStore(pacing_path(settings.state_path), account)
+    return Pacer(store, settings.stripe_max_rate, settings.workers)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import binascii
-import functools
-import hashlib
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -34,22 +32,14 @@ class Settings:
     port: int = 8080
     trusted_proxies: int = 0
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
-    state_path: str | None = "state/bridge.sqlite3"
+    state_path: str = "state/bridge.sqlite3"
+    database_url: str | None = (
+        None  # PostgreSQL, for replicas; never logged (it may hold a password)
+    )
     time_budget: float = 12.0
     invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
     stripe_max_rate: float = 20.0  # requests/s for every worker and replica together
     workers: int = 2  # gunicorn's WEB_CONCURRENCY: the share of each without a shared budget
-
-    @functools.cached_property  # hashed once: every webhook asks
-    def account(self) -> str:
-        """Which Stripe account the key opens, as the ledger records it: a hash, never the key.
-
-        A hash needs no call and no permission to read the account (restricted keys may lack
-        it). A rotated key of the same account looks like another account: that costs one
-        rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter identifier).
-        """
-        digest = hashlib.sha256(b"stripe-account\n" + self.stripe_api_key.encode())
-        return digest.hexdigest()[:24]
 
 
 def settings_from_env(
@@ -99,6 +89,15 @@ def settings_from_env(
             "STRIPE_MAX_RATE must be the Stripe requests per second this bridge may use (0.1 or "
             "more; Stripe allows an account 100/s live and 25/s in a sandbox, for everything)"
         )
+    state_path = environ.get("STATE_PATH", "state/bridge.sqlite3").strip()
+    database_url = environ.get("DATABASE_URL", "").strip() or None
+    if database_url and not re.fullmatch(r"postgres(ql)?://\S*", database_url):
+        problems.append("DATABASE_URL must be a postgresql:// URL (the replicas' shared ledger)")
+    elif not state_path and not database_url:
+        problems.append(
+            "STATE_PATH is empty: give the ledger's SQLite file (on a persistent volume), or "
+            "DATABASE_URL for a PostgreSQL ledger; the bridge cannot run without a ledger"
+        )
     workers = environ.get("WEB_CONCURRENCY", "2").strip()
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
@@ -119,7 +118,8 @@ def settings_from_env(
         port=int(port),
         trusted_proxies=int(proxies),
         forwarded_allow_ips=allow,
-        state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
+        state_path=state_path,
+        database_url=database_url,
         time_budget=float(budget),
         invoice_grace=int(grace),
         stripe_max_rate=float(rate),

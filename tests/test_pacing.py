@@ -16,10 +16,9 @@ import pytest
 import stripe
 from flask import Flask
 from prometheus_client import REGISTRY
-from psycopg_pool import ConnectionPool
 
 from app import create_app
-from bridge.pacing import PostgresStore, reserve
+from bridge.pacing import PostgresStore, pacing_path, reserve
 from tests.conftest import API_KEY, Billing, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, hours_ago, report
@@ -215,10 +214,11 @@ def test_the_fanout_bench_smoke_run_loses_and_doubles_nothing() -> None:
 
 
 def test_replicas_sharing_a_postgresql_row_never_get_the_same_turn(postgres_url: str) -> None:
-    pools = [ConnectionPool(postgres_url, min_size=1, max_size=4, open=True) for _ in range(2)]
+    # Two replicas, two pools; and another account's row beside theirs.
+    stores = [PostgresStore(postgres_url, "acct") for _ in range(2)]
+    other = PostgresStore(postgres_url, "other")
     try:
-        stores = [PostgresStore(pool, "acct") for pool in pools]  # two replicas
-        PostgresStore(pools[0], "other").advance(lambda slot: reserve(slot, 1000.0, 10.0, 1e9))
+        other.advance(lambda s: reserve(s, 1000.0, 10.0, 1e9))
 
         def take(store: PostgresStore) -> list[float | None]:
             return [store.advance(lambda s: reserve(s, 1000.0, 10.0, 1e9)) for _ in range(20)]
@@ -227,8 +227,25 @@ def test_replicas_sharing_a_postgresql_row_never_get_the_same_turn(postgres_url:
             waits = [w for found in threads.map(take, stores * 2) for w in found]
         assert sorted(round(w or 0.0, 6) for w in waits) == [round(n / 10, 6) for n in range(80)]
     finally:
-        for pool in pools:
-            pool.close()
+        for store in [*stores, other]:
+            store.close()
+
+
+def test_writes_are_paced_through_the_postgresql_ledgers_database(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing, postgres_url: str
+) -> None:
+    stripe_fake.limit_rate(10)
+    replicas = [pacing_app(environment, "8", DATABASE_URL=postgres_url) for _ in range(2)]
+
+    def send(number: int) -> int:
+        event = minutes(list(range(1, 13)), hours=20 + number)
+        client = replicas[number % 2].test_client()
+        return deliver(client, event, f"msg_pg_{number}").status_code
+
+    with ThreadPoolExecutor(2) as threads:
+        assert list(threads.map(send, range(2))) == [200, 200]
+    assert refused(stripe_fake) == 0
+    assert stripe_fake.usage_total(billing.api) == 2 * sum(range(1, 13))
 
 
 class Records(logging.Handler):
@@ -244,11 +261,11 @@ class Records(logging.Handler):
 
 
 def test_a_broken_budget_store_falls_back_to_the_process_own(
-    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing, tmp_path: Path
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("")
-    app = pacing_app(environment, "1000", STATE_PATH=str(blocker / "state.sqlite3"))
+    # A folder where the budget's file should be: the ledger beside it works, the budget cannot.
+    Path(pacing_path(environment["STATE_PATH"])).mkdir(parents=True)
+    app = pacing_app(environment, "1000")
     records = Records()
     logging.getLogger("bridge").addHandler(records)
     try:
