@@ -22,8 +22,8 @@ import psycopg
 import psycopg_pool
 
 from bridge.budget import time_left
-from bridge.errors import LedgerUnavailable, StripeUnavailable
-from bridge.ledger_sql import Run, SqlLedger
+from bridge.errors import LedgerUnavailable
+from bridge.ledger_sql import Run, SqlLedger, busy
 from bridge.logs import log_event
 
 SCHEMA_LOCK = 0x6272696467650001  # the advisory lock key under which the schema is made
@@ -117,10 +117,7 @@ class PostgresLedger(SqlLedger):
                     f"SET lock_timeout = {wait_ms}; SELECT pg_advisory_lock({key})".encode()
                 )
             except psycopg.errors.LockNotAvailable as error:
-                raise StripeUnavailable(
-                    f"another webhook kept {lock_key} busy until the time budget ran out",
-                    "Svix will retry.",
-                ) from error
+                raise busy(lock_key) from error
             try:
                 yield
             finally:
