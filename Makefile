@@ -30,17 +30,16 @@ unit: $(BIN)/.dev sandbox proxy postgres
 # installed where that is possible (root with apt-get, as in CI); elsewhere that test skips.
 sandbox:
 	@command -v bwrap >/dev/null 2>&1 \
-	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
-	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && sh tools/apt-install.sh bubblewrap; } \
 	  || echo "bubblewrap is not installed: the read-only-root container test will skip"
 
 # tests/test_proxy.py runs nginx with docs/nginx.conf in front of gunicorn, over TLS with a certificate
 # openssl makes. Both are installed the same way (root with apt-get); elsewhere those tests skip.
 proxy:
 	@{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
-	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
-	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	          nginx openssl >/dev/null; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && sh tools/apt-install.sh nginx openssl; } \
 	  || echo "nginx or openssl is not installed: the reverse-proxy tests will skip"
 
 # The PostgreSQL ledger's tests (DATABASE_URL, several replicas) run a throw-away server that
@@ -48,9 +47,8 @@ proxy:
 # same way (root with apt-get); elsewhere those tests skip.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
-	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	          postgresql >/dev/null; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && sh tools/apt-install.sh postgresql; } \
 	  || echo "PostgreSQL is not installed: the PostgreSQL ledger's tests will skip"
 
 ## lint: ruff (lint + format), mypy, hadolint

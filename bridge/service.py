@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,9 @@ class Bridge:
     caches: StripeCaches
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+    # The wall clock a report's windows are judged by (in the future? begun? past their period's
+    # grace?): injectable so that a test can stand it at a chosen moment.
+    clock: Callable[[], float] = time.time
 
     def target(self, report: Report, config: Config) -> Target:
         """The Stripe object that bills a report, found with this bridge's client and caches."""
@@ -92,7 +96,7 @@ def process_event(
     if kind != "report.meter":
         facts["type"] = kind
         return {"outcome": "ignored", "type": kind, "message_id": message_id}
-    now = datetime.now(UTC)
+    now = datetime.fromtimestamp(bridge.clock(), UTC)
     report = parse_report(event, now)
     facts.update(subject=report.subject, meter=report.meter, windows=len(report.windows))
     answer: dict[str, Any] = {"outcome": "written", "message_id": message_id,
@@ -140,7 +144,7 @@ def process_event(
         count_windows(target.kind, superseded=pending.superseded, kept=pending.kept)
         sent = write_report(
             bridge.stripe, bridge.caches.subscriptions, target, pending.writes, progress.accepted,
-            on_fresh_key=lambda write, key: ledger.replace_key(write.key, key),
+            on_fresh_key=lambda write, key: ledger.replace_key(write.key, key), clock=bridge.clock,
         )  # fmt: skip
         progress.done = sent.complete and not plan.refused and not plan.waiting
     return outcome(answer, target, plan, pending, sent)

@@ -26,12 +26,14 @@ def send_write(
     target: Target,
     write: Write,
     on_fresh_key: Callable[[Write, str], None] = lambda write, key: None,
+    clock: Callable[[], float] = time.time,
 ) -> str | None:
     """Sends one window to Stripe; returns Stripe's request id (None: it already had it).
 
     on_fresh_key(write, key) hears of the key that replaces one Stripe answered with a 5xx.
+    clock: the wall clock that says whether the window's timestamp has come (Bridge.clock).
     """
-    if write.timestamp > time.time():
+    if write.timestamp > clock():
         raise StripeUnavailable(
             f"window {write.window.start.isoformat()} started less than a second ago",
             "Svix will retry in a moment.",
@@ -145,6 +147,7 @@ def write_report(
     on_accepted: Callable[[Write], None],
     *,
     on_fresh_key: Callable[[Write, str], None] = lambda write, key: None,
+    clock: Callable[[], float] = time.time,
 ) -> Sent:
     """Sends every window in order; a refused window does not keep the others from Stripe, a
     transient failure ends the attempt (Svix's next one resumes: the ledger skips what Stripe
@@ -154,7 +157,7 @@ def write_report(
     for write in writes:
         facts = write_facts(target, write)
         try:
-            request_id = send_write(client, target, write, on_fresh_key)
+            request_id = send_write(client, target, write, on_fresh_key, clock)
         except (stripe.StripeError, StripeUnavailable) as error:
             problem = write_problem(error, write)
             log_event(

@@ -22,6 +22,7 @@ from tests.harness import (
     SECRET,
     free_port,
     healthy,
+    pinned_hour,
     post,
     sign,
     start_service,
@@ -61,6 +62,13 @@ class Billing:
     cpu: str
     tokens: str  # acme's item for ai_tokens
     acme_api: str
+
+
+@pytest.fixture(autouse=True)
+def one_hour_per_test() -> Iterator[None]:
+    """Every hours_ago() of a test counts back from the hour the test began in."""
+    with pinned_hour():
+        yield
 
 
 @pytest.fixture

@@ -45,10 +45,46 @@ def sign(
     }
 
 
+# The hour hours_ago() counts back from while a test runs (pinned_hour), so that a test crossing
+# an hour's end still means the same windows each time it says hours_ago(3).
+_pinned_hour: datetime | None = None
+
+
+def current_hour() -> datetime:
+    """The start of the UTC hour the clock stands in."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
 def hours_ago(hours: int) -> datetime:
-    """The start of the UTC hour that many hours back."""
-    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    return now - timedelta(hours=hours)
+    """The start of the UTC hour that many hours back (from the pinned hour, in a test)."""
+    return (_pinned_hour or current_hour()) - timedelta(hours=hours)
+
+
+@contextmanager
+def pinned_hour() -> Iterator[None]:
+    """Inside, hours_ago() counts back from the hour this began in, however long it runs."""
+    global _pinned_hour  # noqa: PLW0603 - one test at a time; its threads see it too
+    _pinned_hour = current_hour()
+    try:
+        yield
+    finally:
+        _pinned_hour = None
+
+
+def open_hour(room: float = 30.0) -> datetime:
+    """The start of the current UTC hour, an open window: waits out the hour's first 1.5 s (its
+    timestamp, start + 1 s, must be past) and its last `room` s (the test must end within it).
+    A pinned hour moves to it, so that hours_ago(1) is the hour before it."""
+    global _pinned_hour  # noqa: PLW0603
+    while True:
+        now = time.time()
+        into = now % 3600
+        if 1.5 <= into <= 3600 - room:
+            hour = datetime.fromtimestamp(now - into, UTC)
+            if _pinned_hour is not None:
+                _pinned_hour = hour
+            return hour
+        time.sleep(0.05)
 
 
 def iso(moment: datetime) -> str:
@@ -128,6 +164,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def clock_env() -> dict[str, str]:
+    """This process's time zone and faked clock (TZ; libfaketime's LD_PRELOAD and FAKETIME*),
+    for the processes a test starts with an environment of their own: a run under `faketime`
+    or another TZ then runs the service on the same clock as the test that signs its webhooks."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in ("TZ", "LD_PRELOAD") or name.startswith("FAKETIME")
+    }
+
+
 def start_service(
     env: dict[str, str], log_path: Path, wsgi_app: str | None = None
 ) -> subprocess.Popen[bytes]:
@@ -138,7 +185,7 @@ def start_service(
         return subprocess.Popen(
             dockerfile_cmd() + ([wsgi_app] if wsgi_app else []),
             cwd=PROJECT,
-            env={"PATH": path, "WEB_CONCURRENCY": "2", **env},
+            env={"PATH": path, "WEB_CONCURRENCY": "2", **clock_env(), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -32,6 +32,7 @@ from tests.conftest import Billing
 from tests.fake_stripe import FakeStripe
 from tests.harness import (
     PROJECT,
+    clock_env,
     dockerfile_cmd,
     free_port,
     healthy,
@@ -315,6 +316,7 @@ def test_serves_with_a_read_only_root_and_its_state_on_the_volume(
             "WEB_CONCURRENCY": "2",
             "HOME": user_home(final),
         }
+        | clock_env()
     )
     assert env["STATE_PATH"] == "/var/lib/bridge/bridge.sqlite3"
     log_path = tmp_path / "service.log"

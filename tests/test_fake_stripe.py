@@ -26,6 +26,7 @@ from tests.fake_stripe import (
     FakeStripe,
     decode_form,
 )
+from tests.harness import wait_until
 
 API_KEY = "sk_test_fakestripe0123456789"
 ACACIA = "2025-02-24.acacia"
@@ -412,7 +413,7 @@ def test_key_in_use_is_409(fake: FakeStripe, client: stripe.StripeClient, item: 
         target=record_usage, args=(client, item, 5, NOW - HOUR), kwargs={"key": "k1"}
     )
     first.start()
-    time.sleep(0.15)
+    wait_until(lambda: any(key == "k1" for _, key in fake._idempotency))  # the first holds it
     with pytest.raises(stripe.APIError) as caught:
         record_usage(connect(fake), item, 5, NOW - HOUR, key="k1")
     first.join()
@@ -434,9 +435,9 @@ def test_concurrent_writes_to_one_item_hit_its_lock(
             errors.append(error)
 
     writers = [threading.Thread(target=write, args=(n,)) for n in (1, 2)]
-    for writer in writers:
-        writer.start()
-        time.sleep(0.05)
+    writers[0].start()
+    wait_until(lambda: any(lock.locked() for lock in fake._object_locks.values()))
+    writers[1].start()  # while the first holds the item
     for writer in writers:
         writer.join()
     assert len(errors) == 1 and isinstance(errors[0], stripe.RateLimitError)
@@ -597,6 +598,7 @@ def test_late_response_outlives_a_short_client_timeout(fake: FakeStripe, item: s
     fake.inject("late_response", path="/usage_records", delay=1.0)
     with pytest.raises(stripe.APIConnectionError):
         record_usage(connect(fake, timeout=0.3), item, 5, NOW - HOUR, key="k1")
+    wait_until(lambda: len(fake.writes()) == 1)  # performed and saved; its answer comes late
     assert fake.usage_total(item) == 5
     record_usage(connect(fake), item, 5, NOW - HOUR, key="k1")
     assert fake.requests[-1].idempotent_replay

@@ -16,7 +16,7 @@ from bridge.ledger import Message
 from bridge.ledger_sqlite import SqliteLedger
 from tests.conftest import Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import hours_ago, report
+from tests.harness import hours_ago, report, wait_until
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_deleting_the_ledger_keeps_everything_correct(
     stripe_fake.latency = 0.3
     assert deliver(client, report([2] * 8), "msg_cut").status_code == 503
     stripe_fake.latency = 0
-    time.sleep(0.5)
+    wait_until(lambda: stripe_fake.in_flight == 0)  # the abandoned request ends in Stripe
     for leftover in state.parent.glob(state.name + "*"):
         leftover.unlink()
     fresh = create_app(environment).test_client()  # as after a restart, with no ledger left

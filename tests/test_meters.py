@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from tests.conftest import deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import hours_ago, iso, report
+from tests.harness import hours_ago, iso, open_hour, report
 
 CONFIG_YAML = """\
 meters:
@@ -321,17 +321,18 @@ def test_concurrent_reports_to_one_meter_are_written_one_at_a_time(
 def test_raw_meter_leaves_out_a_window_open_when_the_report_was_made(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Meters
 ) -> None:
-    closed_and_open = report([2, 3], meter="tokens", first=hours_ago(1))  # the last one is open
-    response = deliver(client, closed_and_open, "msg_open")
+    hour = open_hour()
+    closed_and_open = report([2, 3], meter="tokens", first=hour - timedelta(hours=1))
+    response = deliver(client, closed_and_open, "msg_open")  # the last window is open
     assert response.status_code == 200, response.json  # no retry of this body can complete it
     assert response.json is not None and response.json["sent"] == 1
     [left_out] = response.json["incomplete"]
-    assert left_out["window_start"] == hours_ago(0).isoformat()
+    assert left_out["window_start"] == hour.isoformat()
     assert "had not ended when the report was made" in left_out["reason"]
     assert [e["payload"] for e in events(stripe_fake, "tokens_raw")] == [
         {"stripe_customer_id": billing.customer, "value": "2"}
     ]
-    hourly = report([3], meter="api_calls", first=hours_ago(0))  # a bucket is overwritten later
+    hourly = report([3], meter="api_calls", first=hour)  # a bucket is overwritten later
     assert deliver(client, hourly, "msg_open_hourly").status_code == 200
 
 

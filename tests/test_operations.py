@@ -529,7 +529,7 @@ def test_sigterm_lets_an_in_flight_webhook_finish(
         target=lambda: answers.append(service.deliver(report([5, 6]), "msg_inflight"))
     )
     sender.start()
-    time.sleep(0.5)
+    wait_until(lambda: stripe_fake.in_flight > 0, 20)  # a worker is inside the webhook
     service.process.send_signal(signal.SIGTERM)
     sender.join(timeout=20)
     assert answers and answers[0][0] == 200

@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from tests.conftest import API_KEY, Billing, deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import hours_ago, report
+from tests.harness import hours_ago, open_hour, report, wait_until
 
 HOUR = 3600
 MONTH = 30 * 86400
@@ -74,8 +74,8 @@ def event_timestamps(fake: FakeStripe) -> list[int]:
 def test_last_window_of_a_subscription_that_will_not_renew_is_written_now(
     connect: Connect, stripe_fake: FakeStripe, how: str, meter: str
 ) -> None:
+    window = open_hour()  # open: its end, and the period's, are still ahead
     now = int(time.time())
-    window = hours_ago(0)  # open: its end, and the period's, are still ahead
     stripe_fake.add_subscription(
         "sub_1Leaving", prices=["price_1Api", "price_1Calls"], period_end=now + 2
     )
@@ -102,12 +102,13 @@ def test_usage_for_an_ended_subscription_is_422_naming_every_window_and_nothing_
     stripe_fake.add_subscription("sub_1Ended", prices=["price_1Api", "price_1Calls"])
     stripe_fake.end("sub_1Ended", status)
     client = connect({"ended": "sub_1Ended"})
-    event = report([1, 2], subject="ended", meter=meter, first=hours_ago(4))
+    first = hours_ago(4)
+    event = report([1, 2], subject="ended", meter=meter, first=first)
     response = deliver(client, event)
     assert response.status_code == 422, response.json
     body = answer(response)
     assert status in body["message"] and body["subscription"] == "sub_1Ended"
-    assert body["windows"] == [hours_ago(4).isoformat(), hours_ago(3).isoformat()]
+    assert body["windows"] == [first.isoformat(), (first + timedelta(hours=1)).isoformat()]
     assert posts(stripe_fake) == []
 
 
@@ -117,15 +118,15 @@ def test_usage_for_an_ended_subscription_is_422_naming_every_window_and_nothing_
 def test_meter_window_spanning_a_renewal_waits_then_goes_to_the_new_period(
     connect: Connect, stripe_fake: FakeStripe
 ) -> None:
+    window = open_hour()
     now = int(time.time())
-    window = hours_ago(0)
     stripe_fake.add_subscription("sub_1Renewing", prices=["price_1Calls"], period_end=now + 2)
     client = connect({"renewing": "sub_1Renewing"})
     event = report([5], subject="renewing", meter="calls", first=window)
     response = deliver(client, event, "msg_before")
     assert response.status_code == 503 and answer(response)["error"] == "windows_waiting"
     assert posts(stripe_fake) == []
-    time.sleep(2.5)
+    wait_until(lambda: time.time() > now + 2)  # the period has ended
     stripe_fake.renew("sub_1Renewing", period_end=now + MONTH)
     again = deliver(client, event, "msg_before")
     assert again.status_code == 200, again.json
@@ -177,17 +178,18 @@ def test_meter_window_of_the_previous_period_is_written_within_the_grace_period(
 def test_meter_window_before_the_subscription_began_is_refused_and_one_it_splits_starts_with_it(
     connect: Connect, stripe_fake: FakeStripe
 ) -> None:
-    began = hours_ago(1) + timedelta(minutes=30)
+    first = hours_ago(2)
+    began = first + timedelta(minutes=90)
     start = int(began.timestamp())
     stripe_fake.add_subscription(
         "sub_1New", prices=["price_1Calls"], period_start=start, period_end=start + MONTH
     )
     client = connect({"new": "sub_1New"})
-    event = report([3, 4], subject="new", meter="calls", first=hours_ago(2))
+    event = report([3, 4], subject="new", meter="calls", first=first)
     response = deliver(client, event)
     assert response.status_code == 422, response.json
     refused = answer(response)["refused"]
-    assert [r["window_start"] for r in refused] == [hours_ago(2).isoformat()]
+    assert [r["window_start"] for r in refused] == [first.isoformat()]
     assert "began" in refused[0]["message"]
     assert event_timestamps(stripe_fake) == [start]  # never before the subscription
     assert stripe_fake.unbilled_events() == []
@@ -364,10 +366,10 @@ def test_billing_cycle_reset_inside_an_open_window_bills_its_earlier_value_twice
     stripe_fake.add_subscription("sub_1Upgrade", prices=["price_1Api"])
     item = stripe_fake.item_id("sub_1Upgrade", "price_1Api")
     client = connect({"upgrade": "sub_1Upgrade"})
-    window = hours_ago(0)
+    window = open_hour()
     earlier = report([2, 3], subject="upgrade", first=window - timedelta(hours=1))
     assert deliver(client, earlier, "msg_open").status_code == 200  # the open window as it stood
-    time.sleep(1.1)
+    wait_until(lambda: time.time() >= window.timestamp() + 2)  # after the open window's write
     stripe_fake.reset_billing_cycle("sub_1Upgrade", period_end=int(time.time()) + MONTH)
     reset = stripe_fake.state()["subscriptions"]["sub_1Upgrade"]["items"]["data"][0][
         "current_period_start"

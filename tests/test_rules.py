@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import stripe
 import yaml
+from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
@@ -29,7 +30,7 @@ from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from bridge.stripe_objects import CACHE_MAX_ENTRIES, CACHE_TTL_SECONDS, Cache
 from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
-from tests.harness import PROJECT, hours_ago, iso, report, wait_until
+from tests.harness import PROJECT, hours_ago, iso, open_hour, report, wait_until
 
 # Where the replay subprocess imports app from (the mutation check points it at a mutated copy).
 APP_DIR = PROJECT
@@ -215,7 +216,7 @@ def test_idempotency_key_longer_than_255_reaches_stripe_hashed(
 def test_window_starting_in_the_future_is_400_before_asking_stripe(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    start = hours_ago(0) + timedelta(hours=1)
+    start = open_hour() + timedelta(hours=1)
     response = deliver(client, report(rows=[window(start, start + timedelta(hours=1), 1)]))
     assert response.status_code == 400, response.json
     assert "future" in answer(response)["message"]
@@ -223,19 +224,20 @@ def test_window_starting_in_the_future_is_400_before_asking_stripe(
 
 
 def test_window_started_less_than_a_second_ago_is_503_until_its_timestamp_is_past(
-    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+    app: Flask, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
+    client = app.test_client()
     assert deliver(client, report([1], first=hours_ago(5)), "msg_warm").status_code == 200
-    while time.time() % 1 > 0.5:  # leave at least half a second before the timestamp passes
-        time.sleep(0.01)
-    start = datetime.fromtimestamp(int(time.time()), UTC)
+    start = datetime.fromtimestamp(int(time.time()) - 60, UTC)
+    bridge = app.extensions["bridge"]
+    bridge.clock = lambda: start.timestamp() + 0.5  # the bridge's clock, half a second in
     event = report(rows=[window(start, start + timedelta(minutes=1), 4)])
     response = deliver(client, event, "msg_now")
     assert response.status_code == 503, response.json
     assert answer(response)["error"] == "stripe_unavailable"
     assert "less than a second ago" in answer(response)["message"]
     assert len(usage_posts(stripe_fake)) == 1  # the warm-up's only: nothing sent for this one
-    wait_until(lambda: time.time() > start.timestamp() + 1.05, timeout=3)
+    bridge.clock = lambda: start.timestamp() + 1  # Svix's next attempt, a moment later
     assert deliver(client, event, "msg_now").status_code == 200
     assert stripe_fake.usage_records(billing.api)[int(start.timestamp()) + 1] == 4
 
@@ -621,7 +623,7 @@ def test_killed_mid_report_the_next_attempt_skips_every_recorded_batch_of_50(
             process.kill()
             process.wait()
     stripe_fake.latency = 0
-    time.sleep(0.2)  # the request in flight when the worker died finishes in Stripe
+    wait_until(lambda: stripe_fake.in_flight == 0)  # what the dead worker sent ends in Stripe
     before = len(usage_posts(stripe_fake))
     assert 70 <= before < windows, log.read_text()
     response = deliver(client, event, "msg_killed")

@@ -36,7 +36,16 @@ from bridge.logs import JsonFormatter, configure_logging
 from bridge.settings import settings_from_env
 from tests.conftest import API_KEY, Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import PROJECT, ROTATED_SECRET, SECRET, hours_ago, post, report, sign
+from tests.harness import (
+    PROJECT,
+    ROTATED_SECRET,
+    SECRET,
+    clock_env,
+    hours_ago,
+    post,
+    report,
+    sign,
+)
 
 # A malformed key and secret still are secrets: a config error must name them, never show them.
 BAD_KEY = "pk_live_51NotASecretKeyButStillPrivate"
@@ -332,7 +341,7 @@ def run(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     done = subprocess.run(
         command,
         cwd=PROJECT,
-        env={"PATH": path, **env},
+        env={"PATH": path, **clock_env(), **env},
         capture_output=True,
         text=True,
         timeout=60,

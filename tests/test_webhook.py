@@ -17,7 +17,17 @@ from bridge.signature import attempt_budget
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
 from tests.conftest import Billing, deliver
 from tests.fake_stripe import FakeStripe, RecordedRequest
-from tests.harness import ROTATED_SECRET, SECRET, example, hours_ago, iso, report, sign
+from tests.harness import (
+    ROTATED_SECRET,
+    SECRET,
+    example,
+    hours_ago,
+    iso,
+    open_hour,
+    report,
+    sign,
+    wait_until,
+)
 
 
 def usage_posts(fake: FakeStripe) -> list[RecordedRequest]:
@@ -379,17 +389,18 @@ def test_time_budget_bounds_the_answer_and_the_next_attempt_resumes(
     deliver(client, report([1], first=hours_ago(30)), "msg_warmup")
     stripe_fake.latency = 0.3
     started = time.monotonic()
-    response = deliver(client, report([1] * 10), "msg_slow")
-    assert time.monotonic() - started < 1.5
+    response = deliver(client, report([1] * 20), "msg_slow")
+    # Bounded by the 1 s budget (plus what a loaded machine adds); unbounded, 20 writes take 6 s.
+    assert time.monotonic() - started < 3.5
     assert response.status_code == 503
-    assert response.json is not None and 1 <= response.json["written"] < 10
+    assert response.json is not None and 1 <= response.json["written"] < 20
     written = response.json["written"]
     stripe_fake.latency = 0
-    time.sleep(0.5)  # the abandoned request finishes in Stripe before Svix's next attempt
-    again = deliver(client, report([1] * 10), "msg_slow")
+    wait_until(lambda: stripe_fake.in_flight == 0)  # the abandoned request ends in Stripe
+    again = deliver(client, report([1] * 20), "msg_slow")
     assert again.status_code == 200
     assert again.json is not None and again.json["skipped"] >= written
-    assert stripe_fake.usage_total(billing.api) == 11
+    assert stripe_fake.usage_total(billing.api) == 21
 
 
 def test_time_queued_since_svix_sent_the_attempt_counts_against_the_budget(
@@ -401,7 +412,9 @@ def test_time_queued_since_svix_sent_the_attempt_counts_against_the_budget(
     sent = datetime.now(UTC) - timedelta(seconds=3)  # waited in a busy worker's queue
     started = time.monotonic()
     response = deliver(client, report([1] * 20), "msg_queued", at=sent)
-    assert 1.5 < time.monotonic() - started < 3.0  # 4 s, less the 2 s beyond Svix's rounding
+    # 4 s, less the 2 s beyond Svix's rounding (and what a loaded machine adds): without the
+    # discount the whole 4 s would go, as 20 writes take 6 s.
+    assert 1.5 < time.monotonic() - started < 3.7
     assert response.status_code == 503
 
 
@@ -476,8 +489,8 @@ def test_no_stripe_telemetry_so_nothing_is_written_under_home(
 def test_an_open_window_spanning_the_renewal_waits_for_the_new_period(
     config_path: Path, environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
 ) -> None:
+    window = open_hour()  # open: it ends 30 s or more from now
     now = int(time.time())
-    window = hours_ago(0)  # open: it ends within the hour
     stripe_fake.add_subscription(
         "sub_1Renewing",
         prices=["price_1Api"],
@@ -493,7 +506,7 @@ def test_an_open_window_spanning_the_renewal_waits_for_the_new_period(
     assert "renewal" in response.json["message"] and response.json["written"] == 1
     item = stripe_fake.item_id("sub_1Renewing", "price_1Api")
     assert list(stripe_fake.usage_records(item).values()) == [4]  # only the closed window
-    time.sleep(2.5)
+    wait_until(lambda: time.time() > now + 2)  # the period has ended
     stripe_fake.renew("sub_1Renewing", period_end=now + 86400)
     again = deliver(client, report([5], subject="renewing", first=window), "msg_after")
     assert again.status_code == 200, again.json  # the cached copy was stale: fetched again

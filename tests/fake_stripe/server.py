@@ -8,7 +8,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -26,7 +26,25 @@ class FakeStripe(Api, Fixtures):
     ) -> None:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._in_flight = 0
         super().__init__(api_key, now=now)
+
+    @property
+    def in_flight(self) -> int:
+        """API requests being answered right now (a test waits on this, never on a sleep)."""
+        with self._lock:
+            return self._in_flight
+
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Counts one API request in flight, from its arrival until its answer is written."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serves on host:port (0: any free port) in a daemon thread; returns the base URL."""
@@ -121,15 +139,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, answer, {"Request-Id": _new_id("req")})
             return
         headers = {key.lower(): value for key, value in self.headers.items()}
-        outcome = fake._serve(method, url.path, url.query, body, headers)
-        if outcome.delay > 0:
-            time.sleep(outcome.delay)  # a late answer: the client may have given up by now
-        if outcome.body is None:
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)  # closed with no answer at all
-            return
-        self._send(outcome.status, outcome.body, outcome.headers)
+        with fake._answering():
+            outcome = fake._serve(method, url.path, url.query, body, headers)
+            if outcome.delay > 0:
+                time.sleep(outcome.delay)  # a late answer: the client may have given up by now
+            if outcome.body is None:
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)  # closed with no answer at all
+                return
+            self._send(outcome.status, outcome.body, outcome.headers)
 
     def _send(self, status: int, body: Mapping[str, Any], headers: Mapping[str, str]) -> None:
         """Writes a JSON answer; a client that already left is not an error."""
