@@ -19,4 +19,5 @@ writing         sending the writes: one writer per lock key, the ledger batch
 service         Bridge (all a webhook needs), make_bridge, process_event
 online_check    check-config --online: Stripe's view of every mapping
 cli             the flask commands: check-config, replay
+stopping        how a gunicorn worker stops: gracefully, on any stop signal, even while booting
 """
