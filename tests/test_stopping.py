@@ -102,12 +102,11 @@ def test_a_busy_service_stops_quickly_twenty_times(
 ) -> None:
     # Four at a time: each start costs a second or two of CPU, and a hang would cost 20 s.
     with ThreadPoolExecutor(4) as pool:
-        stops = list(
-            pool.map(
-                lambda args: start_and_stop(*args, environment, tmp_path),
-                [(number, *mode) for number, mode in enumerate(MODES)],
-            )
-        )
+        futures = [
+            pool.submit(start_and_stop, number, target, signum, environment, tmp_path)
+            for number, (target, signum) in enumerate(MODES)
+        ]
+        stops = [future.result() for future in futures]
     assert len(stops) == STOPS
     for number, ((duration, text), mode) in enumerate(zip(stops, MODES, strict=True)):
         assert duration < STOP_DEADLINE_SECONDS, (number, mode, duration, text[-3000:])
