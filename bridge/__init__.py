@@ -9,6 +9,7 @@ signature       Svix: the signature, when an attempt was sent, the attempt's bud
 report          OpenMeter's report.meter event: strict JSON, windows, completeness
 budget          the webhook's time budget, which bounds every Stripe call
 transport       stripe's HTTP transport (connections, proxies, per-request timeouts)
+stripe_health   whether Stripe rejects the API key (for /readyz), shared by the workers
 stripe_api      the one Stripe client, its retries, what a Stripe error answers
 stripe_objects  subscriptions, prices and meters as read from Stripe, and their cache
 targets         which Stripe object bills a report (Target, resolve_target)

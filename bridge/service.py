@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from bridge.quantities import check_negative
 from bridge.report import Report, decode_json, event_type, parse_report
 from bridge.settings import Settings, config_path, settings_from_env
 from bridge.stripe_api import make_stripe_client
+from bridge.stripe_health import KeyHealth
 from bridge.stripe_objects import StripeCaches
 from bridge.targets import Target, resolve_target
 from bridge.writing import LedgerBatch, write_facts, write_report
@@ -37,6 +38,7 @@ class Bridge:
     caches: StripeCaches
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+    key_health: KeyHealth = field(default_factory=KeyHealth)  # what Stripe says of the key
 
     def target(self, report: Report, config: Config) -> Target:
         """The Stripe object that bills a report, found with this bridge's client and caches."""
@@ -59,9 +61,11 @@ def make_bridge(
         problems += error.problems
     if problems:
         raise ConfigError(problems)
-    client = make_stripe_client(settings)
+    health = KeyHealth.for_this_start()
+    client = make_stripe_client(settings, health)
     verifiers = tuple(Webhook(secret) for secret in settings.webhook_secrets)
-    return Bridge(settings, config, client, StripeCaches(), Ledger(settings.state_path), verifiers)
+    ledger = Ledger(settings.state_path)
+    return Bridge(settings, config, client, StripeCaches(), ledger, verifiers, health)
 
 
 def process_event(
