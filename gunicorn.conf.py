@@ -7,7 +7,7 @@ import tempfile
 
 from gunicorn.glogging import Logger
 
-from bridge.stopping import hold_stop_signals, stop_gracefully
+from bridge.stopping import hold_stop_signals, ignore_late_stop_signals, stop_gracefully
 
 
 def scratch_dir() -> str | None:
@@ -43,6 +43,11 @@ wsgi_app = "app:serve()"
 def post_fork(server: object, worker: object) -> None:
     """A stop signal that comes while the worker boots waits for it (bridge/stopping.py)."""
     hold_stop_signals(server)
+
+
+def worker_exit(server: object, worker: object) -> None:
+    """A stop signal that comes as the worker exits is ignored (bridge/stopping.py)."""
+    ignore_late_stop_signals()
 
 
 def post_worker_init(worker: object) -> None:

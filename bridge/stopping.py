@@ -1,6 +1,7 @@
 """How a gunicorn worker stops: gracefully on any stop signal, even one sent while it boots.
 
-gunicorn.conf.py calls hold_stop_signals in post_fork and stop_gracefully in post_worker_init.
+gunicorn.conf.py calls hold_stop_signals in post_fork, stop_gracefully in post_worker_init and
+ignore_late_stop_signals in worker_exit.
 """
 
 from __future__ import annotations
@@ -45,8 +46,20 @@ def stop_gracefully(worker: Any) -> None:
     a flag and wakes the worker's loop (a SimpleQueue and a pipe, no lock). The master still
     decides how long a stop may take: it kills what is left after graceful_timeout.
     """
+
     for signum in STOP_SIGNALS:
-        signal.signal(signum, worker.handle_exit)
+        signal.signal(signum, worker.handle_exit)  # which does nothing once stopping
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if _held:
         worker.handle_exit(_held[0], None)
+
+
+def ignore_late_stop_signals() -> None:
+    """As the worker exits: stop signals are ignored from now on. The master sends SIGQUIT to a
+    worker it has not reaped yet; arriving while the interpreter exits, after Python has restored
+    the default handlers, it would kill the worker and make the master log "Worker was sent
+    SIGQUIT!" about a clean stop. (Ignored, not blocked: a mask holds for one thread only, and
+    the pool's threads would still take it. signal.signal runs any signal already caught first,
+    with the handler it had, so none is lost to the change.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
