@@ -175,17 +175,17 @@ def proxy_problems(url: str) -> list[str]:
                 f"{lower} is set but empty, which turns {upper} off (the lowercase one wins, as "
                 f"in curl and requests): unset {lower} to use the proxy, or {upper} to go direct"
             ]
+    must = f"{scheme.upper()}_PROXY (or {scheme}_proxy, all_proxy) must be http://[user:password@]host[:port]"
     try:
         proxy = egress_proxy(url)
-    except ValueError:  # urllib3's LocationParseError: no URL at all
-        proxy = ""
-    if proxy is not None and not _is_http_proxy(proxy):
-        return [
-            f"{scheme.upper()}_PROXY (or {scheme}_proxy, all_proxy) must be "
-            "http://[user:password@]host[:port]: a CONNECT proxy (socks and https proxies are "
-            "not supported)"
-        ]
-    return []
+    except ValueError:  # urllib3's LocationParseError: a space, a bad port, ...
+        # The value is never quoted: it may hold a password.
+        return [f"{must}: the value set is not a URL (e.g. http://proxy.internal:3128)"]
+    if proxy is None or _is_http_proxy(proxy):
+        return []
+    if urllib.parse.urlsplit(proxy).scheme != "http":
+        return [f"{must}: a CONNECT proxy (socks and https proxies are not supported)"]
+    return [f"{must}: the value set has no host, or a port outside 1-65535"]
 
 
 def _is_http_proxy(url: str) -> bool:
