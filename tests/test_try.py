@@ -43,7 +43,10 @@ def test_make_try_serves_the_readme_steps_and_ctrl_c_stops_both(tmp_path: Path) 
         assert sent.returncode == 0 and ": 200\n" in sent.stdout, sent.stdout + sent.stderr
         with urllib.request.urlopen(f"{fake}/_fake/state", timeout=10) as response:
             state = json.loads(response.read())
-        assert state["usage_records"] or state["meter_events"], state
+        # What landed, by subscription and price (config.yaml's example IDs), not only by item.
+        by_subscription = state["usage_by_subscription"]
+        assert by_subscription["sub_1ExampleCustomer1"]["price_1ExampleApiRequests"] == 4332
+        assert sum(state["usage_totals"].values()) == 4332
         os.killpg(make.pid, signal.SIGINT)
         make.wait(timeout=30)
     finally:
