@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run try test lint unit sandbox proxy hashes demo check-config replay send bench profile chaos clean
+.PHONY: run try test lint unit sandbox proxy postgres hashes demo check-config replay send bench profile chaos clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it. Every
 # file pip may take is pinned by its sha256 (`make hashes` writes them); pip refuses anything else.
@@ -27,7 +27,7 @@ try: $(BIN)/.dev
 ## test: lint, then the whole test suite
 test: lint unit
 
-unit: $(BIN)/.dev sandbox proxy
+unit: $(BIN)/.dev sandbox proxy postgres
 	$(BIN)/python -m pytest
 
 # tests/test_container.py runs the container's CMD under bubblewrap with a read-only root. It is
@@ -46,6 +46,16 @@ proxy:
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	          nginx openssl >/dev/null; } \
 	  || echo "nginx or openssl is not installed: the reverse-proxy tests will skip"
+
+# The PostgreSQL ledger's tests (DATABASE_URL, several replicas) run a throw-away server that
+# tests/postgres.py starts with initdb in a temporary folder. Debian's postgresql is installed the
+# same way (root with apt-get); elsewhere those tests skip.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	          postgresql >/dev/null; } \
+	  || echo "PostgreSQL is not installed: the PostgreSQL ledger's tests will skip"
 
 ## lint: ruff (lint + format), mypy, hadolint
 lint: $(BIN)/.dev

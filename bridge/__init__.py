@@ -4,6 +4,7 @@ errors          BridgeError and its answers (status, code, message, hint), Confi
 logs            JSON log lines, Prometheus metrics
 settings        Settings from the environment (secrets, addresses, budget, proxies)
 config          config.yaml: meter -> price and subject -> subscription mappings, validated
+config_yaml     config.yaml's text: plain YAML only (no aliases), keys as written, size and depth
 config_source   config.yaml live: re-read when its bytes change, the last good version kept
 signature       Svix: the signature, when an attempt was sent, the attempt's budget
 report          OpenMeter's report.meter event: strict JSON, windows, completeness
@@ -13,6 +14,7 @@ stripe_health   whether Stripe rejects the API key (for /readyz), shared by the 
 stripe_api      the one Stripe client, its retries, what a Stripe error answers
 stripe_objects  subscriptions, prices and meters as read from Stripe, and their cache
 targets         which Stripe object bills a report (Target, resolve_target)
+sharing         several subjects on one subscription: what Stripe adds up, each one's second
 quantities      a window's value as Stripe takes it (Quantity, MeterValue, zero thresholds)
 planning        each window's checks, timestamp, key and write (plan_writes)
 ledger          what Stripe already accepted (SQLite, shared by the workers)

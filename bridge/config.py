@@ -15,9 +15,9 @@ from decimal import (
 )
 from typing import Any
 
-import yaml
-
+from bridge.config_yaml import read_document
 from bridge.errors import ConfigError
+from bridge.sharing import offset_collisions
 
 ROUNDING_MODES = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "nearest": ROUND_HALF_UP}
 PRICE_ID = re.compile(r"price_[A-Za-z0-9]+")
@@ -43,7 +43,7 @@ class Config:
 
 def load_config(path: str) -> Config:
     """Reads and validates config.yaml, listing every bad entry by its path."""
-    return parse_config_file(read_file(path))
+    return parse_config_file(read_file(path), path)
 
 
 def read_file(path: str) -> bytes:
@@ -55,18 +55,10 @@ def read_file(path: str) -> bytes:
         raise ConfigError([f"{path}: cannot read: {error}"]) from error
 
 
-def parse_config_file(raw: bytes) -> Config:
-    """Validates config.yaml's bytes."""
-    try:
-        document = yaml.compose(raw.decode("utf-8"), Loader=yaml.SafeLoader)
-    except (UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError([f"not valid YAML: {error}"]) from error
-    problems: list[str] = []
-    if document is not None:
-        _find_duplicate_keys(document, "", problems)
-    if problems:
-        raise ConfigError(problems)
-    return parse_config(yaml.safe_load(raw), problems)
+def parse_config_file(raw: bytes, source: str = "config.yaml") -> Config:
+    """Validates config.yaml's bytes, listing every problem (a key given twice included)."""
+    document = read_document(raw, source)
+    return parse_config(document.content, list(document.duplicates), document.written)
 
 
 def config_checksum(raw: bytes) -> str:
@@ -74,46 +66,42 @@ def config_checksum(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _find_duplicate_keys(node: yaml.Node, path: str, problems: list[str]) -> None:
-    """Reports keys given twice in one mapping: YAML would silently keep the last one."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key_path = f"{path}.{key_node.value}" if path else str(key_node.value)
-            if key_node.value in seen:
-                line = key_node.start_mark.line + 1
-                problems.append(f"{key_path}: duplicate key (line {line})")
-            seen.add(key_node.value)
-            _find_duplicate_keys(value_node, key_path, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _find_duplicate_keys(item, f"{path}[{index}]", problems)
+def parse_config(
+    document: Any,
+    problems: list[str] | None = None,
+    written: Mapping[str, Mapping[Any, str]] | None = None,
+) -> Config:
+    """Validates a loaded config document; raises ConfigError listing every problem.
 
-
-def parse_config(document: Any, problems: list[str] | None = None) -> Config:
-    """Validates a loaded config document; raises ConfigError listing every problem."""
+    written: each mapping's keys as the file spells them, so that a problem names `yes`, not True.
+    """
     problems = [] if problems is None else problems
+    written = written or {}
     if document is None:
         document = {}
     if not isinstance(document, dict):
-        raise ConfigError(["(top level): must be a mapping with 'meters' and 'subjects'"])
+        raise ConfigError(
+            [*problems, "(top level): must be a mapping with 'meters' and 'subjects'"]
+        )
     for key in document:
         if key not in ("meters", "subjects"):
-            problems.append(f"{key}: unknown key (expected 'meters' and 'subjects')")
+            name = written.get("", {}).get(key, key)
+            problems.append(f"{name}: unknown key (expected 'meters' and 'subjects')")
     meters = {
         slug: mapping
-        for slug, entry in _section(document, "meters", problems).items()
+        for slug, entry in _section(document, "meters", problems, written).items()
         if (mapping := _meter_mapping(f"meters.{slug}", entry, problems))
     }
     subjects = {}
-    for subject, subscription in _section(document, "subjects", problems).items():
+    for subject, subscription in _section(document, "subjects", problems, written).items():
         if isinstance(subscription, str) and SUBSCRIPTION_ID.fullmatch(subscription):
             subjects[subject] = subscription
         else:
             problems.append(f"subjects.{subject}: must be a Stripe subscription ID (sub_...)")
-    # Two entries on one Stripe target would set the same windows and overwrite each other's usage.
+    # Two meters on one price would set the same windows and overwrite each other's usage. Several
+    # subjects may share a subscription: each writes at a second of its own (bridge.sharing).
     _shared_targets("meters", {slug: mapping.price for slug, mapping in meters.items()}, problems)
-    _shared_targets("subjects", subjects, problems)
+    problems += offset_collisions(subjects)
     if problems:
         raise ConfigError(problems)
     return Config(meters=meters, subjects=subjects)
@@ -131,21 +119,30 @@ def _shared_targets(section: str, targets: Mapping[str, str], problems: list[str
         first.setdefault(target, name)
 
 
-def _section(document: dict[Any, Any], name: str, problems: list[str]) -> dict[str, Any]:
-    """One top-level map, with its keys checked to be text."""
+def _section(
+    document: dict[Any, Any],
+    name: str,
+    problems: list[str],
+    written: Mapping[str, Mapping[Any, str]],
+) -> dict[str, Any]:
+    """One top-level map, with its keys checked to be text (named as the file writes them)."""
     section = document.get(name) or {}
     if not isinstance(section, dict):
         problems.append(f"{name}: must be a mapping")
         return {}
     for key in section:
         if not isinstance(key, str) or not key:
-            problems.append(f"{name}.{key}: quote this key so that YAML reads it as text")
+            text = written.get(name, {}).get(key, key)
+            problems.append(f"{name}.{text}: quote this key so that YAML reads it as text")
     return {key: value for key, value in section.items() if isinstance(key, str) and key}
 
 
 def _meter_mapping(path: str, entry: Any, problems: list[str]) -> MeterMapping | None:
     """One meter entry, short (a price ID) or long (price, multiplier, rounding)."""
     if isinstance(entry, str):
+        if not PRICE_ID.fullmatch(entry):  # named as written: meters.x, not meters.x.price
+            problems.append(f"{path}: must be a Stripe price ID (price_...)")
+            return None
         entry = {"price": entry}
     if not isinstance(entry, dict):
         problems.append(f"{path}: must be a price ID or a mapping with 'price'")

@@ -42,7 +42,7 @@ class ConfigSource:
                     for problem in error.problems
                 ]
             ) from error
-        self.config, self.checksum = parse_config_file(raw), config_checksum(raw)
+        self.config, self.checksum = parse_config_file(raw, path), config_checksum(raw)
         self.loaded_at = datetime.now(UTC)
         self.error: str | None = None
         self._rejected: str | None = None  # the checksum of the last invalid version, logged once
@@ -71,7 +71,11 @@ class ConfigSource:
         def check_forever() -> None:
             while True:
                 time.sleep(self.CHECK_EVERY_SECONDS)
-                self.current()
+                try:
+                    self.current()
+                except Exception as error:  # a bug: logged, and the thread keeps watching
+                    log_event("config watch failed", logging.ERROR, path=self.path,
+                              error=f"{type(error).__name__}: {error}"[:300])  # fmt: skip
 
         threading.Thread(target=check_forever, name="config-watch", daemon=True).start()
 
@@ -89,7 +93,7 @@ class ConfigSource:
         if checksum == self._rejected or not self._stable(checksum):
             return
         try:
-            config = parse_config_file(raw)
+            config = parse_config_file(raw, self.path)
             _keeps_something(self.config, config)
         except ConfigError as error:
             self._reject(checksum, error)

@@ -51,6 +51,20 @@ def configure_logging() -> None:
 # Under gunicorn these live in files shared by the workers (PROMETHEUS_MULTIPROC_DIR).
 WEBHOOKS = Counter("bridge_webhooks_total", "Webhooks answered.", ["outcome", "status"])
 WINDOWS_WRITTEN = Counter("bridge_windows_written_total", "Windows Stripe accepted.", ["kind"])
+# What became of each window of each attempt: written, or left out of a 200 (incomplete, superseded,
+# kept), or refused, or waiting for a later attempt. Only `written` is billed.
+WINDOW_OUTCOMES = ("written", "incomplete", "superseded", "kept", "refused", "waiting")
+WINDOWS = Counter("bridge_windows_total", "Windows by what became of them.", ["kind", "outcome"])
+
+
+def count_windows(kind: str, **outcomes: int) -> None:
+    """Adds windows to bridge_windows_total, by outcome (one of WINDOW_OUTCOMES)."""
+    for outcome, count in outcomes.items():
+        assert outcome in WINDOW_OUTCOMES, outcome
+        if count:
+            WINDOWS.labels(kind, outcome).inc(count)
+
+
 STRIPE_SECONDS = Histogram(
     "bridge_stripe_request_seconds",
     "Stripe request latency.",

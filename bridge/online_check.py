@@ -11,8 +11,27 @@ import stripe
 
 from bridge.config import Config, MeterMapping
 from bridge.errors import BridgeError
+from bridge.sharing import stripe_adds_up
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION
-from bridge.stripe_objects import Price, Subscription, fetch_meter, fetch_price, fetch_subscription
+from bridge.stripe_objects import (
+    Price,
+    Subscription,
+    fetch_meter,
+    fetch_price,
+    fetch_subscription,
+    fetch_thresholds,
+)
+
+# What a raw meter loses (docs/windows.md, "Late events"): OpenMeter accepts events dated in the
+# past, and its usage syncs offer no lag or look-back (schedule interval and startAt, query groupBy,
+# filter: openmeter.io/docs/cloud/guides/usage-syncs/overview); a raw meter keeps a window's first
+# event, so usage ingested after the report that first held the window whole is never billed.
+LATE_EVENTS_ON_A_RAW_METER = (
+    "a raw meter takes each window once, when a report first holds it whole: usage OpenMeter "
+    "ingests later for that window (late events) is never billed. If events can come late, bill "
+    "through a meter with event_time_window hour or day (the report's window size) and let each "
+    "report's range overlap the previous one: each window is then set again, with its late usage"
+)
 
 
 def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str, str, str]]:
@@ -20,6 +39,8 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
     rows: list[tuple[str, str, str]] = []
     meter_users: dict[str, str] = {}  # two prices on one meter would overwrite each other's events
     meter_of_price: dict[str, str] = {}
+    legacy_prices: set[str] = set()  # usage records: refused on a subscription with thresholds
+    adds_up: dict[str, bool] = {}  # price -> whether Stripe sums several subjects' writes to it
     found: dict[str, Subscription] = {}  # subject -> its subscription
     for slug, mapping in config.meters.items():
         entry = f"meters.{slug}"
@@ -31,6 +52,8 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         if price.usage_type != "metered":
             rows.append((entry, "problem", f"{mapping.price} is not a metered price"))
         elif not price.meter:
+            legacy_prices.add(mapping.price)
+            adds_up[mapping.price] = stripe_adds_up("usage_records", price.aggregate_usage)
             rows.append(legacy_price_row(entry, price, mapping))
         else:
             try:
@@ -43,16 +66,18 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                 f"{meter.formula}, window {meter.event_time_window or 'none: raw'})"
             )
             meter_of_price[mapping.price] = meter.id
+            adds_up[mapping.price] = stripe_adds_up(
+                "meter_events", meter.formula, bool(meter.event_time_window)
+            )
             if (other := meter_users.setdefault(meter.id, entry)) != entry:
                 rows.append((entry, "problem", f"{detail}: {other} already uses {meter.id}"))
                 continue
-            rows.append(
-                (
-                    entry,
-                    "ok" if meter.active else "problem",
-                    detail + ("" if meter.active else ", inactive"),
-                )
-            )
+            if not meter.active:
+                rows.append((entry, "problem", detail + ", inactive"))
+            elif not meter.event_time_window and meter.formula == "sum":
+                rows.append((entry, "warning", f"{detail}: {LATE_EVENTS_ON_A_RAW_METER}"))
+            else:
+                rows.append((entry, "ok", detail))
     for subject, subscription_id in config.subjects.items():
         entry = f"subjects.{subject}"
         try:
@@ -66,6 +91,8 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
         )
         if subscription.status not in ("active", "trialing"):
             rows.append((entry, "problem", f"{subscription_id} is {subscription.status}"))
+        elif problem := thresholds_problem(client, subscription, legacy_prices):
+            rows.append((entry, "problem", problem))
         elif missing:
             rows.append(
                 (entry, "problem", f"{subscription_id} has no item for {', '.join(missing)}")
@@ -78,7 +105,32 @@ def check_online(client: stripe.StripeClient, config: Config) -> list[tuple[str,
                     f"{subscription_id} ({subscription.status}, customer {subscription.customer})",
                 )
             )
-    return rows + shared_customer_rows(found, meter_of_price)
+    return (
+        rows
+        + shared_customer_rows(found, meter_of_price)
+        + shared_subscription_rows(found, adds_up)
+    )
+
+
+def thresholds_problem(
+    client: stripe.StripeClient, subscription: Subscription, legacy_prices: set[str]
+) -> str | None:
+    """Why a subscription with billing thresholds cannot take its legacy prices' usage records."""
+    legacy = sorted(price for price in subscription.items if price in legacy_prices)
+    if not legacy:
+        return None
+    try:
+        thresholds = fetch_thresholds(client, subscription.id)
+    except BridgeError as error:
+        return f"{subscription.id}: {error.message}"
+    items = [subscription.items[price].id for price in legacy]
+    if not thresholds.subscription and not thresholds.items.intersection(items):
+        return None
+    return (
+        f"{subscription.id} has billing thresholds, so Stripe takes only `increment` usage "
+        f"records and every report for {', '.join(legacy)} would be refused: remove the "
+        "thresholds, or bill those prices through Billing meters"
+    )
 
 
 def shared_customer_rows(
@@ -92,7 +144,7 @@ def shared_customer_rows(
             if (meter := meter_of_price.get(price)) is None:
                 continue
             other = first.setdefault((subscription.customer, meter), subject)
-            if other != subject:
+            if other != subject and found[other].id != subscription.id:  # one subscription: below
                 rows.append((
                     f"subjects.{subject}",
                     "problem",
@@ -100,6 +152,29 @@ def shared_customer_rows(
                     f"as subjects.{other} ({found[other].id}) does: meter events are per "
                     "customer, so the two would overwrite or cancel each other",
                 ))  # fmt: skip
+    return rows
+
+
+def shared_subscription_rows(
+    found: Mapping[str, Subscription], adds_up: Mapping[str, bool]
+) -> list[tuple[str, str, str]]:
+    """A problem for each subject sharing a subscription with an earlier one on a mapped price
+    whose writes Stripe does not add up (bridge.sharing)."""
+    rows: list[tuple[str, str, str]] = []
+    first: dict[str, str] = {}  # subscription -> the first subject on it
+    for subject, subscription in found.items():
+        other = first.setdefault(subscription.id, subject)
+        replaced = sorted(
+            p for p in subscription.items if other != subject and not adds_up.get(p, True)
+        )
+        if replaced:
+            rows.append((
+                f"subjects.{subject}",
+                "problem",
+                f"{subscription.id} also bills subjects.{other}, and Stripe does not add up "
+                f"two subjects' usage of {', '.join(replaced)} (only a legacy sum price or a raw "
+                "sum meter does): one subject's windows would replace the other's",
+            ))  # fmt: skip
     return rows
 
 

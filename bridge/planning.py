@@ -20,6 +20,7 @@ from bridge.quantities import (
 )
 from bridge.report import Report, Window, incomplete
 from bridge.settings import DEFAULT_INVOICE_GRACE_SECONDS
+from bridge.sharing import OFFSET_SLOTS, subject_offset
 from bridge.stripe_objects import Item, Meter
 from bridge.targets import Target
 
@@ -52,7 +53,7 @@ class Plan:
     writes: list[Write]
     waiting: list[dict[str, str]]  # {window_start, reason}: a later attempt writes them
     left_out: list[dict[str, str]]  # {window_start, reason}: a raw meter's partial windows
-    refused: list[dict[str, Any]]  # the 422 bodies of windows Stripe would bill in no period
+    refused: list[dict[str, Any]]  # the bodies of windows refused: negative, or billed in no period
 
 
 def check_aggregation(report: Report, target: Target) -> None:
@@ -114,6 +115,29 @@ def not_yet(window: Window, target: Target, now: datetime) -> str | None:
 def window_timestamp(window: Window) -> int:
     """One second after the window starts: inside it, in its billing period, and in the past."""
     return math.floor(window.start.timestamp()) + 1
+
+
+def subject_timestamp(window: Window, timestamp: int, target: Target, subject: str) -> int:
+    """On a subscription several subjects share, the subject's own second from `timestamp` on.
+
+    Its offset comes from its name (bridge.sharing), within what is left of the window (and of
+    the subscription): the same window of the same subject always lands on the same second, and
+    two subjects never on one (their usage records, or raw meter events, would replace each other).
+    """
+    if not target.co_subjects:
+        return timestamp
+    limit = math.ceil(min(window.end.timestamp(), target.subscription.final_end(target.item)))
+    room = min(limit - timestamp, OFFSET_SLOTS)
+    offset = subject_offset(subject, room)
+    if clash := [other for other in target.co_subjects if subject_offset(other, room) == offset]:
+        raise StripeRefused(
+            f"window {window.start.isoformat()}: subjects {subject!r} and {clash[0]!r} share "
+            f"subscription {target.subscription.id} and would take the same second of its "
+            f"{room} s left",
+            "Bill this window by hand, or map one subject to another subscription.",
+            window_start=window.start.isoformat(),
+        )
+    return timestamp + offset
 
 
 def check_not_ended(report: Report, target: Target) -> None:
@@ -241,7 +265,11 @@ def plan_writes(
             raise BadRequest(f"window {window.start.isoformat()} is shorter than two seconds")
         if target.meter:
             check_meter_window(window, target.meter)
-        usage = denoised(window, target)
+        try:  # a window whose sum is negative is refused on its own; the others are written
+            usage = denoised(window, target)
+        except BadRequest as refusal:
+            plan.refused.append(refusal.body())
+            continue
         # A raw meter keeps a window's first event for good: a partial value would stick, and no
         # retry of this body can bring the rest. A later report carries the window in full.
         if target.raw_meter and (reason := incomplete(window, report, made_at or now)):
@@ -254,9 +282,18 @@ def plan_writes(
             if target.meter:
                 check_meter_age(window, now)
             timestamp = in_billing_period(window, timestamp, target, now, grace)
+            timestamp = subject_timestamp(window, timestamp, target, report.subject)
         except StripeRefused as refusal:
             plan.refused.append(refusal.body())
             continue
+        if timestamp > now.timestamp() and target.co_subjects:  # Stripe takes no future second
+            plan.waiting.append(
+                {
+                    "window_start": window.start.isoformat(),
+                    "reason": "its subject's own second of the window is to come",
+                }
+            )
+            continue  # fmt: skip
         if target.meter:
             value = to_meter_value(usage, target.mapping)
             identifier = meter_event_identifier(message_id, target, timestamp, value)

@@ -36,28 +36,32 @@ METER_VALUE = Context(prec=15, rounding=ROUND_HALF_EVEN)
 
 
 def check_negative(report: Report, config: Config) -> None:
-    """Refuses (400) a report with a row or window below -half a unit after the multiplier."""
+    """Refuses (400) a report with nothing billable: every window below -half a unit.
+
+    A window is judged by its sum (its group rows added up). A report with some negative windows
+    and some billable ones is written: the plan refuses the negative windows one by one.
+    """
     mapping = config.meters.get(report.meter)
     multiplier = mapping.multiplier if mapping else Decimal(1)
-    for window in report.windows:
-        if DECIMAL.multiply(min(window.lowest, window.value), multiplier) <= NEGATIVE_FROM:
-            raise negative_usage(window)
+    windows = report.windows
+    if windows and all(DECIMAL.multiply(w.value, multiplier) <= NEGATIVE_FROM for w in windows):
+        raise negative_usage(windows[0], count=len(windows))
 
 
-def negative_usage(window: Window) -> BadRequest:
-    """The 400 for a window (or one of its rows) below zero by more than noise."""
+def negative_usage(window: Window, count: int = 1) -> BadRequest:
+    """The 400 for a window whose sum is below zero by more than noise."""
+    more = f" (and {count - 1} more windows)" if count > 1 else ""
     return BadRequest(
-        f"window {window.start.isoformat()}: usage cannot be negative "
-        f"({min(window.lowest, window.value)})",
+        f"window {window.start.isoformat()}: usage cannot be negative ({window.value}){more}",
         "Negative usage cannot be billed: fix the meter's events in OpenMeter.",
+        window_start=window.start.isoformat(),
     )
 
 
 def denoised(window: Window, target: Target) -> Decimal:
-    """The window's value, or zero if it is noise; a 400 for a meter's negative usage."""
+    """The window's value, or zero if it is noise; a 400 for a window of negative usage."""
     scaled = DECIMAL.multiply(window.value, target.mapping.multiplier)
-    lowest = DECIMAL.multiply(min(window.lowest, window.value), target.mapping.multiplier)
-    if target.meter and lowest <= METER_NEGATIVE_FROM:
+    if scaled <= (METER_NEGATIVE_FROM if target.meter else NEGATIVE_FROM):
         raise negative_usage(window)
     return Decimal(0) if scaled < ZERO_BELOW[target.kind] else window.value
 

@@ -26,12 +26,15 @@ MAX_WINDOW = timedelta(days=32)  # OpenMeter's largest window is a month (31 day
 
 @dataclass(frozen=True)
 class Window:
-    """One usage window [start, end) and the summed value of its rows."""
+    """One usage window [start, end) and the summed value of its rows (one per group).
+
+    The sum is what is billed and what is judged negative: a credit row (-3) beside a usage row
+    (500) is a window of 497, not a negative one.
+    """
 
     start: datetime
     end: datetime
     value: Decimal
-    lowest: Decimal = Decimal(0)  # its most negative row (float noise, or really negative)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,6 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         raise BadRequest("usage must be a list of rows")
     subjects: set[str] = set()
     sums: dict[tuple[datetime, datetime], Decimal] = {}
-    lowest: dict[tuple[datetime, datetime], Decimal] = {}
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise BadRequest(f"usage[{index}] must be an object")
@@ -127,15 +129,11 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
             raise BadRequest(f"usage[{index}]: window starts in the future ({row['windowStart']})")
         value = parse_value(row.get("value"), f"usage[{index}].value")
         sums[start, end] = DECIMAL.add(sums.get((start, end), Decimal(0)), value)
-        lowest[start, end] = min(lowest.get((start, end), Decimal(0)), value)
     if not subjects and isinstance(query_subject, str) and query_subject:
         subjects.add(query_subject)
     if len(subjects) != 1:
         raise BadRequest("a report must be about exactly one subject", subjects=sorted(subjects))
-    windows = tuple(
-        Window(start, end, value, lowest[start, end])
-        for (start, end), value in sorted(sums.items())
-    )
+    windows = tuple(Window(start, end, value) for (start, end), value in sorted(sums.items()))
     for earlier, later in itertools.pairwise(windows):
         if later.start < earlier.end:
             raise BadRequest(f"windows overlap: {earlier.start} and {later.start}")

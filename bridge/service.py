@@ -16,7 +16,7 @@ from bridge.config import Config
 from bridge.config_source import ConfigSource
 from bridge.errors import ConfigError, WindowsWaiting
 from bridge.ledger import Ledger, Message, Pending
-from bridge.logs import log_event
+from bridge.logs import count_windows, log_event
 from bridge.planning import plan_writes
 from bridge.quantities import check_negative
 from bridge.report import Report, decode_json, event_type, parse_report
@@ -118,6 +118,7 @@ def process_event(
             batch.nothing_to_record()
             return answer | {"outcome": "already_written"}
         plan = plan_writes(report, target, message_id, now, made_at=made_at, grace=grace)
+        count_windows(target.kind, incomplete=len(plan.left_out), waiting=len(plan.waiting))
         if plan.left_out:
             answer["incomplete"] = plan.left_out
             log_event(
@@ -131,6 +132,7 @@ def process_event(
         with batch.writing(target, complete=not plan.waiting):
             pending = bridge.ledger.pending(plan.writes, target, message)
             warn_skipped(pending)
+            count_windows(target.kind, superseded=pending.superseded, kept=pending.kept)
             write_report(bridge.stripe, bridge.caches.subscriptions, target, pending.writes,
                          batch.accepted, planned_refusals=plan.refused,
                          waiting=plan.waiting)  # fmt: skip
@@ -142,6 +144,16 @@ def process_event(
             "Nothing to do: Svix retries, and the windows are written once they can be.",
             written=sent,
             waiting=plan.waiting,
+        )
+    if left_out := len(plan.left_out) + pending.superseded + pending.kept:
+        log_event(
+            "answered 200 with windows left out",
+            logging.WARNING,
+            left_out=left_out,
+            incomplete=len(plan.left_out),
+            superseded=pending.superseded,
+            kept=pending.kept,
+            hint="these windows are not billed by this report; see bridge_windows_total",
         )
     return answer | {"sent": sent, "skipped": skipped}
 

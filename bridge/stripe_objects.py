@@ -12,9 +12,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import stripe
+from stripe import RequestOptions
 
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION, call_stripe, classify
 
@@ -94,6 +95,21 @@ class Meter:
     active: bool
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """Which of a subscription's billing thresholds are set: its own (amount), its items' (usage).
+
+    Stripe takes only `increment` usage records on such a subscription (2023 spec, usage_records
+    `action`: "If the subscription has billing thresholds, `increment` is the only allowed
+    value"), never the bridge's `set`. Meter events have no such rule: their endpoint takes no
+    action, and threshold invoices work with meter prices (docs.stripe.com/billing/subscriptions/
+    usage-based/manage-billing-setup, "if you use billing thresholds").
+    """
+
+    subscription: bool
+    items: frozenset[str]
+
+
 V = TypeVar("V")
 
 
@@ -149,32 +165,45 @@ class StripeCaches:
     # Legacy prices read at acacia: the endive spec's POST /v1/prices/{price} cannot change
     # recurring or transform_quantity, so a cached one never goes stale.
     prices: Cache[Price] = field(default_factory=Cache)
+    # Subscriptions with a legacy item: their billing thresholds, read at acacia.
+    thresholds: Cache[Thresholds] = field(default_factory=Cache)
     # customer -> the subscriptions seen billing it: enough to find two subjects on one customer
     customers: dict[str, set[str]] = field(default_factory=dict)
 
 
-def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
-    """A subscription, its customer and items (one call unless it has over 10 items)."""
+def _retrieve_with_items(
+    client: stripe.StripeClient, subscription: str, version: str | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A subscription and all its items, at `version` (None: the client's); one call up to 10."""
+    options: RequestOptions = {"stripe_version": version} if version else {}
     try:
-        # At endive: the endive spec's `subscription` requires status, customer and items, and its
-        # `subscription_item` requires price and current_period_start/end.
         found = call_stripe(
-            "retrieve_subscription", partial(client.v1.subscriptions.retrieve, subscription)
+            "retrieve_subscription",
+            partial(client.v1.subscriptions.retrieve, subscription, options=options),
         ).to_dict()
         items, has_more = found["items"]["data"], found["items"]["has_more"]
         while has_more:
             after = items[-1]["id"]
-            # At endive: the endive spec's GET /v1/subscription_items lists `subscription_item`s.
+            # Both specs' GET /v1/subscription_items lists `subscription_item`s.
             page = call_stripe(
                 "list_subscription_items",
                 partial(
                     client.v1.subscription_items.list,
                     params={"subscription": subscription, "limit": 100, "starting_after": after},
+                    options=options,
                 ),
             ).to_dict()
             items, has_more = items + page["data"], page["has_more"]
     except stripe.StripeError as error:
         raise classify(error, subscription=subscription) from error
+    return found, items
+
+
+def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscription:
+    """A subscription, its customer and items (one call unless it has over 10 items)."""
+    # At endive: the endive spec's `subscription` requires status, customer and items, and its
+    # `subscription_item` requires price and current_period_start/end.
+    found, items = _retrieve_with_items(client, subscription)
     customer = found["customer"]
     return Subscription(
         id=subscription,
@@ -201,6 +230,20 @@ def fetch_subscription(client: stripe.StripeClient, subscription: str) -> Subscr
             )
             for item in items
         },
+    )
+
+
+def fetch_thresholds(client: stripe.StripeClient, subscription: str) -> Thresholds:
+    """Billing thresholds on a subscription and its items, read at USAGE_RECORDS_API_VERSION."""
+    # Read where usage records are written: basil's changelog ("Removes legacy usage-based
+    # billing") removed billing_thresholds from the subscription endpoints, so a newer version may
+    # hide them (though the endive spec lists them). The 2023 spec (stripe/openapi 63a67463) has
+    # `subscription.billing_thresholds` {amount_gte, reset_billing_cycle_anchor} and
+    # `subscription_item.billing_thresholds` {usage_gte}, both nullable.
+    found, items = _retrieve_with_items(client, subscription, USAGE_RECORDS_API_VERSION)
+    return Thresholds(
+        subscription=bool(found.get("billing_thresholds")),
+        items=frozenset(item["id"] for item in items if item.get("billing_thresholds")),
     )
 
 

@@ -11,14 +11,17 @@ import stripe
 from bridge.config import Config, MeterMapping
 from bridge.errors import SharedCustomer, StripeRefused, Unmapped
 from bridge.report import Report
+from bridge.sharing import co_subjects, may_share
 from bridge.stripe_objects import (
     Item,
     Meter,
     StripeCaches,
     Subscription,
+    Thresholds,
     fetch_meter,
     fetch_price,
     fetch_subscription,
+    fetch_thresholds,
 )
 
 
@@ -31,6 +34,7 @@ class Target:
     mapping: MeterMapping
     meter: Meter | None
     account: str = ""  # a fingerprint of the Stripe account's key (Settings.account)
+    co_subjects: tuple[str, ...] = ()  # the other subjects config.yaml maps to this subscription
 
     @property
     def kind(self) -> str:
@@ -112,6 +116,8 @@ def resolve_target(
     if not item.meter:
         price = caches.prices.get(mapping.price, partial(fetch_price, client))
         item = replace(item, aggregate_usage=price.aggregate_usage)
+        thresholds = caches.thresholds.get(subscription.id, partial(fetch_thresholds, client))
+        check_no_billing_thresholds(report.subject, subscription, item, thresholds)
     if item.meter:
         meter = caches.meters.get(item.meter, partial(fetch_meter, client))
         if not meter.active:
@@ -122,7 +128,61 @@ def resolve_target(
             )
         check_one_price_per_meter(report.meter, subscription, meter, config)
         check_shared_customer(report.subject, subscription, meter, config, caches)
-    return Target(subscription, item, mapping, meter, account)
+    target = Target(
+        subscription, item, mapping, meter, account, co_subjects(config.subjects, report.subject)
+    )
+    check_shared_subscription(report.subject, target)
+    return target
+
+
+def check_shared_subscription(subject: str, target: Target) -> None:
+    """Refuses several subjects on one subscription where Stripe would not add up their windows."""
+    meter = target.meter
+    aggregation = meter.formula if meter else target.item.aggregate_usage
+    pre_aggregated = bool(meter and meter.event_time_window)
+    if not target.co_subjects or may_share(target.kind, aggregation, pre_aggregated, True):
+        return
+    what = (
+        f"meter {meter.id} ({aggregation}, window {meter.event_time_window or 'none'})" if meter
+        else f"price {target.mapping.price} (aggregate_usage {aggregation})"
+    )  # fmt: skip
+    other = target.co_subjects[0]
+    raise SharedCustomer(
+        f"subjects {subject!r} and {other!r} share subscription {target.subscription.id}, and "
+        f"Stripe does not add up what two subjects send to {what}: one subject's windows "
+        "would replace the other's",
+        "Only a legacy sum price or a raw sum meter bills several subjects' sum. Map each "
+        "subject to a subscription of its own (another customer, for a meter), or report them "
+        "as one subject from OpenMeter; Svix retries for about a day.",
+        subjects=sorted([subject, other]),
+        subscription=target.subscription.id,
+    )
+
+
+def check_no_billing_thresholds(
+    subject: str, subscription: Subscription, item: Item, thresholds: Thresholds
+) -> None:
+    """Refuses a legacy item whose subscription has billing thresholds, before any write.
+
+    Stripe takes only `increment` usage records there (Thresholds says where that is written),
+    and an increment repeated by a retry would count twice: the bridge writes only `set`.
+    """
+    where = (
+        f"subscription {subscription.id}" if thresholds.subscription
+        else f"item {item.id}" if item.id in thresholds.items
+        else None
+    )  # fmt: skip
+    if where:
+        raise StripeRefused(
+            f"{where} (subject {subject!r}) has billing thresholds, so Stripe takes only "
+            "`increment` usage records, which a retry would count twice; the bridge sets them",
+            "Remove the billing thresholds from the subscription and its items, or bill this "
+            "price through a Billing meter (meter events have no such rule); Svix retries for "
+            "about a day.",
+            subscription=subscription.id,
+            item=item.id,
+            subject=subject,
+        )
 
 
 def check_one_price_per_meter(

@@ -15,7 +15,7 @@ import stripe
 from bridge.budget import time_left
 from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
 from bridge.ledger import Accepted, Ledger, Message
-from bridge.logs import WINDOWS_WRITTEN, log_event
+from bridge.logs import WINDOWS_WRITTEN, count_windows, log_event
 from bridge.planning import Write, idempotency_key
 from bridge.quantities import meter_value_text
 from bridge.stripe_api import USAGE_RECORDS_API_VERSION, call_stripe, classify
@@ -256,9 +256,11 @@ def write_report(
                 **facts,
                 hint="a correction of this window, if it was one, is not applied",
             )
+        count_windows(target.kind, **{"kept" if request_id is None else "written": 1})
         WINDOWS_WRITTEN.labels(target.kind).inc()
         log_event("stripe write", **facts, stripe_request_id=request_id)
     if refused:
+        count_windows(target.kind, refused=len(refused))
         raise StripeRefused(
             f"{len(refused)} of {len(writes) + len(planned_refusals)} windows refused: "
             f"{refused[0]['message']}",

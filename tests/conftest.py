@@ -27,6 +27,8 @@ from tests.harness import (
     start_service,
     wait_until,
 )
+from tests.postgres import PostgresServer
+from tests.postgres import why_not as postgres_unavailable
 
 API_KEY = "sk_test_bridge0123456789"
 
@@ -172,3 +174,25 @@ def service(
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL for the session; skips where none can run (tests/postgres.py)."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A DATABASE_URL for an empty database of its own, on a running server."""
+    if postgres_server.process is None:  # a test that stopped the server left it stopped
+        postgres_server.start()
+    return postgres_server.create_database()

@@ -52,7 +52,8 @@ def test_the_shipped_example_config_is_valid() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("meters:\n  a: prod_1A\n", "meters.a.price: must be a Stripe price ID"),
+        ("meters:\n  a: prod_1A\n", "meters.a: must be a Stripe price ID"),
+        ("meters:\n  a: {price: prod_1A}\n", "meters.a.price: must be a Stripe price ID"),
         ("subjects:\n  c: cus_1C\n", "subjects.c: must be a Stripe subscription ID"),
         ("meters:\n  b: {price: price_1B, rounding: sideways}\n", "meters.b.rounding:"),
         ("meters:\n  b: {price: price_1B, multiplier: -1}\n", "meters.b.multiplier:"),
@@ -69,8 +70,8 @@ def test_the_shipped_example_config_is_valid() -> None:
             "meters.b: price_1A is already used by meters.a",
         ),
         (
-            "subjects:\n  c: sub_1C\n  d: sub_1C\n",
-            "subjects.d: sub_1C is already used by subjects.c",
+            "subjects:\n  team-3: sub_1C\n  team-36: sub_1C\n",
+            "subjects.team-36: shares sub_1C with subjects.team-3",
         ),
     ],
 )

@@ -364,6 +364,24 @@ def test_the_period_is_where_each_version_has_it() -> None:
         assert problems(rendered, schema["response"], other), f"{version} conforms to {other} too"
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_billing_thresholds_render_as_the_spec_says(version: str) -> None:
+    fake = FakeStripe(API_KEY)
+    fake.add_price("price_1")
+    fake.add_subscription("sub_1", prices=["price_1"])
+    fake.set_billing_thresholds("sub_1", amount_gte=5000)
+    fake.set_billing_thresholds("sub_1", item=fake.item_id("sub_1", "price_1"), usage_gte=100)
+    schema = SPEC["versions"][version]["operations"][
+        "GET /v1/subscriptions/{subscription_exposed_id}"
+    ]["response"]
+    rendered = fake._render_subscription(fake._subscriptions["sub_1"], version)
+    assert rendered["billing_thresholds"]["amount_gte"] == 5000
+    assert rendered["items"]["data"][0]["billing_thresholds"] == {"usage_gte": 100}
+    assert problems(rendered, schema, version) == []
+    rendered["billing_thresholds"]["amount_gte"] = "5000"
+    assert problems(rendered, schema, version), "the vendored schema checks the thresholds"
+
+
 def test_the_refresh_tool_rebuilds_a_section_from_a_full_spec() -> None:
     section = SPEC["versions"][DEFAULT]
     # A stand-in for a downloaded spec3.json: the vendored schemas, with descriptions put back.

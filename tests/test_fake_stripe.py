@@ -339,6 +339,23 @@ def test_canceled_subscription_refuses_usage(fake: FakeStripe, client: stripe.St
         record_usage(client, fake.item_id("sub_1", "price_legacy"), 1, NOW - HOUR)
 
 
+@pytest.mark.parametrize("where", ["subscription", "item"])
+def test_billing_thresholds_allow_increment_only(
+    fake: FakeStripe, client: stripe.StripeClient, item: str, where: str
+) -> None:
+    # 2023 spec, POST /v1/subscription_items/{subscription_item}/usage_records, `action`: "If the
+    # subscription has billing thresholds, `increment` is the only allowed value."
+    if where == "subscription":
+        fake.set_billing_thresholds("sub_1", amount_gte=5000)
+    else:
+        fake.set_billing_thresholds("sub_1", item=item, usage_gte=1000)
+    with pytest.raises(stripe.InvalidRequestError, match="billing thresholds") as caught:
+        record_usage(client, item, 5, NOW - HOUR)
+    assert caught.value.http_status == 400 and caught.value.param == "action"
+    record_usage(client, item, 2, NOW - HOUR, action="increment")
+    assert fake.usage_records(item) == {NOW - HOUR: 2}
+
+
 def test_unknown_item_is_404(client: stripe.StripeClient) -> None:
     with pytest.raises(stripe.InvalidRequestError) as caught:
         record_usage(client, "si_missing", 1, NOW - HOUR)

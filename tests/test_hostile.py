@@ -381,13 +381,13 @@ def non_utf8(draw: st.DrawFn, first: datetime) -> Defect:
 
 NOT_NUMBERS = ["NaN", "Infinity", "-Infinity", "-NaN", "nan", "inf", "+1", "01", ".5", "1.", "0x1"]
 # Tiny values (1e-400, 0e-99999, -0.0e99999) are float noise, billed as zero: see
-# tests/test_real_data.py. Huge or clearly negative ones stay refused.
+# tests/test_real_data.py. Huge ones stay refused; a clearly negative window is refused on its
+# own while the others are written (tests/test_real_data.py too).
 OUT_OF_RANGE = [
     "1e400",
     "-1e400",
     "1E+999",
     "1e31",
-    "-1",
     "1e99999999999999999999999999",
 ]
 OUT_OF_RANGE_STRINGS = [

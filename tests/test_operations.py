@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -109,6 +110,49 @@ def test_invalid_edit_keeps_the_last_good_config_until_fixed(
     assert deliver(client, report([1], subject="newcomer"), "msg_ok").status_code == 200
 
 
+@pytest.mark.parametrize(
+    "bad", ["meters: &x {a: *x}\n", "meters: " + "[" * 3000 + "]" * 3000 + "\n"]
+)
+def test_an_alias_loop_or_deep_nesting_is_a_reload_error_and_the_last_good_config_serves(
+    app: Flask, config_path: Path, fast_reload: None, bad: str
+) -> None:
+    client = app.test_client()
+    replace_atomically(config_path, bad)
+    ready = client.get("/readyz")  # the request that reads the new version
+    assert ready.status_code == 200 and ready.json is not None
+    assert str(config_path) in ready.json["config"]["last_reload_error"]
+    assert deliver(client, report([1]), "msg_loop").status_code == 200  # the last good config
+
+
+def test_the_watch_thread_outlives_a_bad_version_and_takes_the_next_good_one(
+    config_path: Path,
+) -> None:
+    source = ConfigSource(str(config_path))
+    source.watch()  # as each gunicorn worker runs it: once a second, requests or not
+    replace_atomically(config_path, "meters: &x {a: *x}\n")
+    wait_until(lambda: "anchors and aliases" in (source.error or ""), timeout=30)
+    replace_atomically(config_path, NEW_SUBJECT)
+    wait_until(lambda: "newcomer" in source.config.subjects, timeout=30)
+
+
+def test_a_bad_config_stops_the_start_with_its_problem_and_no_traceback(
+    environment: dict[str, str], config_path: Path
+) -> None:
+    config_path.write_text("meters: &x {a: *x}\n")
+    done = subprocess.run(
+        [sys.executable, "-c", "import app; app.serve()"],
+        cwd=PROJECT,
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "cannot start" in done.stderr and "anchors and aliases" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 def test_readyz_says_which_config_is_loaded(client: FlaskClient, config_path: Path) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -173,7 +217,7 @@ def test_check_config_lists_every_bad_entry(tmp_path: Path, app: Flask) -> None:
     )
     result = app.test_cli_runner().invoke(args=["check-config", str(path)])
     assert result.exit_code == 1
-    for entry in ("meters.a.price", "meters.b.rounding", "subjects.c"):
+    for entry in ("meters.a: must", "meters.b.rounding", "subjects.c"):
         assert entry in result.output
 
 

@@ -20,9 +20,11 @@ from flask.testing import FlaskClient
 from app import create_app
 from bridge.config import Config, parse_config_file
 from bridge.config_source import ConfigSource
-from tests.conftest import CONFIG_YAML, Billing, deliver
+from bridge.logs import metrics_text
+from tests.conftest import API_KEY, CONFIG_YAML, Billing, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, hours_ago, iso, report
+from tests.test_operations import metric
 
 EXTRA_METERS = {"tokens": "price_1Raw", "api_calls": "price_1Hourly"}
 NOISE = "5.551115123125783e-17"  # 0.1 + 0.2 - 0.3 in float64
@@ -168,15 +170,39 @@ def test_values_below_decimals_reach_are_zero(
         ("api_requests", -3),
         ("api_calls", "-0.5"),
         ("storage_gb", "-500"),  # x 0.001
-        ("api_requests", "1e31"),
     ],
 )
-def test_clearly_negative_or_huge_usage_is_still_400_before_stripe_is_asked(
+def test_a_report_of_nothing_but_negative_usage_is_400_before_stripe_is_asked(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing, meter: str, value: Any
 ) -> None:
-    response = deliver(client, report([1, value], meter=meter), "msg_negative")
+    response = deliver(client, report([value, value], meter=meter), "msg_negative")
     assert response.status_code == 400, response.json
     assert stripe_fake.requests == []
+
+
+def test_huge_usage_is_still_400_before_stripe_is_asked(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    response = deliver(client, report([1, "1e31"]), "msg_huge")
+    assert response.status_code == 400, response.json
+    assert stripe_fake.requests == []
+
+
+@pytest.mark.parametrize(("meter", "value"), [("api_requests", -3), ("api_calls", "-0.5")])
+def test_a_negative_window_is_refused_on_its_own_and_the_others_are_written(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing, meter: str, value: Any
+) -> None:
+    first = hours_ago(4)
+    response = deliver(client, report([1, value, 4], meter=meter, first=first), "msg_neg1")
+    assert response.status_code == 422, response.json
+    assert response.json is not None
+    refused = response.json["refused"]
+    assert [r["window_start"] for r in refused] == [(first + timedelta(hours=1)).isoformat()]
+    assert "cannot be negative" in refused[0]["message"]
+    if meter == "api_requests":
+        assert list(stripe_fake.usage_records(billing.api).values()) == [1, 4]
+    else:
+        assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == ["1", "4"]
 
 
 def test_negative_noise_is_zero_and_a_meter_refuses_what_a_usage_record_cannot_carry(
@@ -188,21 +214,23 @@ def test_negative_noise_is_zero_and_a_meter_refuses_what_a_usage_record_cannot_c
     assert list(stripe_fake.usage_records(billing.api).values()) == [0, 2]
     # A meter event carries decimals: -0.49 is negative usage, float noise is zero.
     hourly = report(["-0.49", 3], meter="api_calls", first=first)
-    assert deliver(client, hourly, "msg_m").status_code == 400
-    assert stripe_fake.meter_events("api_calls") == []
+    assert deliver(client, hourly, "msg_m").status_code == 422  # its other window is written
+    assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == ["3"]
     noise = report(["-5.551115123125783e-17", 3], meter="api_calls", first=first)
     assert deliver(client, noise, "msg_n").status_code == 200
     sent = [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")]
-    assert sent == ["0", "3"]
+    assert sent == ["3", "0", "3"]
 
 
-def test_a_negative_row_is_refused_even_when_its_window_sums_positive(
+def test_a_window_is_its_sum_a_negative_group_row_included(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    event = report([5])
-    event["usage"].append(dict(event["usage"][0], value=-3, groupBy={"model": "b"}))
-    assert deliver(client, event, "msg_neg_row").status_code == 400
-    assert stripe_fake.requests == []
+    event = report([500])
+    event["usage"][0]["groupBy"] = {"kind": "api"}
+    event["usage"].append(dict(event["usage"][0], value=-3, groupBy={"kind": "credit"}))
+    response = deliver(client, event, "msg_neg_row")
+    assert response.status_code == 200, response.json
+    assert list(stripe_fake.usage_records(billing.api).values()) == [497]
 
 
 # --- 3. rounding must not grow with the number of windows -------------------------------------
@@ -350,3 +378,77 @@ def test_a_file_unmodified_for_two_seconds_is_taken_at_its_first_read(config_pat
     os.utime(config_path, (time.time() - 2.5, time.time() - 2.5))  # say, `mv` of an older file
     clock.now += 1.01
     assert source.current().subjects["other"] == "sub_1Other"
+
+
+def window_count(outcome: str, kind: str = "meter_events") -> float:
+    """bridge_windows_total for one outcome, in this process (tests compare before and after)."""
+    return metric(metrics_text().decode(), "bridge_windows_total", kind=kind, outcome=outcome)
+
+
+def test_windows_a_200_leaves_out_are_counted_by_outcome_and_logged(
+    client: FlaskClient,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = {o: window_count(o) for o in ("written", "incomplete", "kept", "refused")}
+    start = hours_ago(6)
+    event = ranged(report([1, 2, 3], meter="tokens", first=start), start + timedelta(hours=1), None)
+    event["query"]["to"] = iso(start + timedelta(hours=3))
+    assert deliver(client, event, "msg_out1").status_code == 200  # its first window: incomplete
+    assert deliver(client, event, "msg_out2").status_code == 200  # a raw meter keeps the first
+    negative = report([-4], meter="tokens", first=start + timedelta(hours=3))
+    negative["usage"].append(
+        report([5], meter="tokens", first=start + timedelta(hours=4))["usage"][0]
+    )
+    assert deliver(client, negative, "msg_out3").status_code == 422
+    after = {o: window_count(o) for o in before}
+    assert {o: after[o] - before[o] for o in before} == {
+        "written": 2 + 1,
+        "incomplete": 2,
+        "kept": 2,
+        "refused": 1,
+    }
+    warnings = [r for r in caplog.records if r.getMessage() == "answered 200 with windows left out"]
+    assert [r.fields["left_out"] for r in warnings] == [1, 3]  # type: ignore[attr-defined]
+
+
+# --- late events: what a raw meter loses, and the setting that bills them ---------------------
+
+
+def test_late_usage_is_lost_on_a_raw_meter_and_billed_on_a_pre_aggregated_one(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    customer = customer_of(stripe_fake, billing)
+    start = hours_ago(6)
+    for meter in ("tokens", "api_calls"):
+        first = ranged(report([5], meter=meter, first=start), start, start + timedelta(hours=1))
+        assert deliver(client, first, f"msg_{meter}_1").status_code == 200
+        # 3 more units, dated in the first window, reach OpenMeter after its report ran: the next
+        # report overlaps it by one window and carries them.
+        late = ranged(report([8, 2], meter=meter, first=start), start, start + timedelta(hours=2))
+        assert deliver(client, late, f"msg_{meter}_2").status_code == 200
+    assert stripe_fake.meter_value("mtr_1Raw", customer) == 5 + 2  # the late 3 are never billed
+    assert stripe_fake.meter_value("mtr_1Hourly", customer) == 8 + 2
+
+
+def test_check_config_online_warns_that_a_raw_meter_loses_late_usage(
+    tmp_path: Path,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    app: Flask,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "late.yaml"
+    path.write_text(
+        "meters:\n  tokens: price_1Raw\n  api_calls: price_1Hourly\n"
+        "subjects:\n  customer-1: sub_1Customer1\n"
+    )
+    monkeypatch.setenv("STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", stripe_fake.url)
+    result = app.test_cli_runner().invoke(args=["check-config", str(path), "--online"])
+    assert result.exit_code == 0, result.output  # a warning, not a problem
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert "warning" in lines["meters.tokens"] and "late events" in lines["meters.tokens"]
+    assert "event_time_window hour or day" in lines["meters.tokens"]
+    assert "ok" in lines["meters.api_calls"] and "late" not in lines["meters.api_calls"]

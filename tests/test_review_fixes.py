@@ -117,15 +117,16 @@ def test_two_mapped_meters_on_one_stripe_meter_are_refused_before_any_event(
     assert stripe_fake.meter_events("tokens") == []
 
 
-def test_negative_usage_to_a_meter_is_400_and_nothing_is_sent(
+def test_negative_usage_to_a_meter_is_refused_and_only_its_window_is_not_sent(
     environment: dict[str, str], config_path: Path, stripe_fake: FakeStripe
 ) -> None:
     hourly_meter(stripe_fake)
     client = connect(environment, config_path, METERS.format(multiplier=1) + "subjects:\n"
                      "  customer-1: sub_1Both\n")  # fmt: skip
     response = deliver(client, report([2, -0.3], meter="api_calls"), "msg_neg")
-    assert response.status_code == 400 and "cannot be negative" in answer(response)["message"]
-    assert stripe_fake.meter_events("api_calls") == []
+    assert response.status_code == 422
+    assert "cannot be negative" in answer(response)["refused"][0]["message"]
+    assert [e["payload"]["value"] for e in stripe_fake.meter_events("api_calls")] == ["2"]
 
 
 def test_a_refusal_also_names_the_windows_that_wait(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stripe
 import yaml
 from flask.testing import FlaskClient
 
@@ -83,8 +84,15 @@ def usage_posts(fake: FakeStripe) -> list[RecordedRequest]:
 
 
 def subscription_reads(fake: FakeStripe) -> int:
-    """How many times the subscription was retrieved."""
-    return sum(1 for r in fake.requests if r.method == "GET" and r.path.startswith("/v1/subscr"))
+    """How many times the subscription was retrieved (its billing thresholds, read at acacia and
+    cached apart, not counted)."""
+    return sum(
+        1
+        for r in fake.requests
+        if r.method == "GET"
+        and r.path.startswith("/v1/subscr")
+        and r.headers["stripe-version"] != USAGE_RECORDS_API_VERSION
+    )
 
 
 def window(
@@ -423,7 +431,11 @@ def test_price_beyond_the_embedded_items_and_the_first_page_is_found(
     assert response.status_code == 200, response.json
     assert stripe_fake.usage_total(stripe_fake.item_id("sub_1Big", "price_1Far")) == 9
     pages = [r for r in stripe_fake.requests if r.path == "/v1/subscription_items"]
-    assert [r.params["limit"] for r in pages] == ["100", "100"]
+    # Paged at the client's version, and again at acacia for the items' billing thresholds.
+    by_version = sorted((r.headers["stripe-version"], r.params["limit"]) for r in pages)
+    assert by_version == sorted(
+        [(stripe.api_version, "100")] * 2 + [(USAGE_RECORDS_API_VERSION, "100")] * 2
+    )
 
 
 # --- 8. OpenMeter's aggregation against a legacy price's aggregate_usage ---------------------

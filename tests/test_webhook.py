@@ -45,16 +45,18 @@ def test_three_windows_write_three_records(
     assert stripe_fake.usage_total(billing.api) == 321
 
 
-def test_stripe_version_is_pinned_on_usage_records_and_the_legacy_price_only(
+def test_stripe_version_is_pinned_on_usage_records_and_the_legacy_reads_only(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
     deliver(client, report([1]))
-    versions = {r.path: r.headers["stripe-version"] for r in stripe_fake.requests}
-    assert versions == {
-        f"/v1/subscriptions/{billing.customer1}": stripe.api_version,
-        "/v1/prices/price_1Api": USAGE_RECORDS_API_VERSION,  # the last one with aggregate_usage
-        f"/v1/subscription_items/{billing.api}/usage_records": USAGE_RECORDS_API_VERSION,
-    }
+    versions = [(r.path, r.headers["stripe-version"]) for r in stripe_fake.requests]
+    assert versions == [
+        (f"/v1/subscriptions/{billing.customer1}", stripe.api_version),
+        ("/v1/prices/price_1Api", USAGE_RECORDS_API_VERSION),  # the last one with aggregate_usage
+        # billing_thresholds, where usage records are written (basil removed them)
+        (f"/v1/subscriptions/{billing.customer1}", USAGE_RECORDS_API_VERSION),
+        (f"/v1/subscription_items/{billing.api}/usage_records", USAGE_RECORDS_API_VERSION),
+    ]
 
 
 def test_legacy_sum_price_takes_a_sum_report_at_the_clients_default_version(

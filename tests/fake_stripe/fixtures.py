@@ -230,6 +230,25 @@ class Fixtures(State):
             self._subscriptions[subscription].items.append(item.id)
         return item.id
 
+    def set_billing_thresholds(
+        self,
+        subscription: str,
+        *,
+        amount_gte: int | None = None,
+        usage_gte: int | None = None,
+        item: str | None = None,
+    ) -> None:
+        """Gives a subscription a monetary threshold, or one of its items a usage threshold."""
+        with self._lock:
+            if item is not None:
+                self._items[item].usage_gte = usage_gte
+            else:
+                found = self._subscriptions[subscription]
+                found.billing_thresholds = {
+                    "amount_gte": amount_gte,
+                    "reset_billing_cycle_anchor": False,
+                }
+
     def add_fixtures(self, fixtures: Mapping[str, Any]) -> None:
         """Adds customers, meters, prices and subscriptions from a fixtures document (checked)."""
         check_fixtures(fixtures)

@@ -18,6 +18,7 @@ from tests.fake_stripe.params import (
 from tests.fake_stripe.render import Rendering
 from tests.fake_stripe.rules import (
     ADJUSTMENT_WINDOW,
+    BILLING_THRESHOLDS_MESSAGE,
     DUPLICATE_METER_EVENT_CODE,
     DUPLICATE_METER_EVENT_MESSAGE,
     LAST_USAGE_RECORDS_DATE,
@@ -125,6 +126,11 @@ class Handlers(Rendering):
         if recurring["usage_type"] != "metered":
             message = f"Cannot create a usage record for `{item.id}`: its price is not metered."
             raise _invalid(message)
+        if action == "set" and (subscription.billing_thresholds or item.usage_gte is not None):
+            # The spec's `action`: "If the subscription has billing thresholds, `increment` is
+            # the only allowed value." (2023 spec, POST .../usage_records; Stripe's wording of
+            # the error is not published: this one is the fake's.)
+            raise _invalid(BILLING_THRESHOLDS_MESSAGE.format(item=item.id), param="action")
         if timestamp > now:
             raise _invalid(
                 TIMESTAMP_IN_FUTURE_MESSAGE, param="timestamp", code=TIMESTAMP_OUT_OF_RANGE_CODE

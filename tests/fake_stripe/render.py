@@ -32,6 +32,9 @@ class Rendering(State):
             "cancel_at": subscription.cancel_at,
             "cancel_at_period_end": subscription.cancel_at_period_end,
             "ended_at": subscription.ended_at,
+            # Nullable in the endive spec's `subscription` and in the 2023 spec (stripe/openapi
+            # 18fa2cc7 and 63a67463): `subscription_billing_thresholds` or null.
+            "billing_thresholds": subscription.billing_thresholds,
             "livemode": False,
             "metadata": {},
             "items": {
@@ -64,6 +67,8 @@ class Rendering(State):
             "subscription": item.subscription,
             "created": item.created,
             "metadata": {},
+            # Nullable in both specs: `subscription_item_billing_thresholds` ({usage_gte}) or null.
+            "billing_thresholds": None if item.usage_gte is None else {"usage_gte": item.usage_gte},
         }
         if _date(version) >= BASIL_DATE:
             # basil moved the period from the subscription to each item (changelog; endive spec

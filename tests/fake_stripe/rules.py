@@ -42,6 +42,11 @@ METER_PRICE_MESSAGE = (
     "Cannot create a usage record for `{item}` because it is not on the legacy metered billing "
     "system. Call /v1/billing/meter_events instead."
 )
+# Stripe's spec says the rule (usage_records `action`), not the message: this wording is the fake's.
+BILLING_THRESHOLDS_MESSAGE = (
+    "Cannot set the usage of `{item}`: its subscription has billing thresholds, so `increment` is "
+    "the only allowed action."
+)
 LOCK_TIMEOUT_MESSAGE = (
     "This object cannot be accessed right now because another API request or Stripe process is "
     "currently accessing it. If you see this error intermittently, retry the request."

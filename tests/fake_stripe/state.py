@@ -50,6 +50,8 @@ class _Subscription:
     cancel_at: int | None = None
     cancel_at_period_end: bool = False
     ended_at: int | None = None
+    # `subscription_billing_thresholds` (amount_gte, reset_billing_cycle_anchor), or None.
+    billing_thresholds: dict[str, Any] | None = None
     # The periods already invoiced: (start, end, when their invoice finalizes).
     invoiced: list[tuple[int, int, float]] = field(default_factory=list)
 
@@ -63,6 +65,7 @@ class _Item:
     price: str
     created: int
     usage: dict[int, int] = field(default_factory=dict)
+    usage_gte: int | None = None  # `subscription_item_billing_thresholds`, if the item has one
 
 
 @dataclass

@@ -13,10 +13,10 @@ from bridge.targets import Target
 T0 = datetime(2026, 11, 1, tzinfo=UTC)  # a billing period's start, and the first window's
 
 
-def window(hour: int, value: str = "1", hours: int = 1, lowest: str = "0") -> Window:
+def window(hour: int, value: str = "1", hours: int = 1) -> Window:
     """The window of `hours` starting `hour` hours after T0."""
     start = T0 + timedelta(hours=hour)
-    return Window(start, start + timedelta(hours=hours), Decimal(value), Decimal(lowest))
+    return Window(start, start + timedelta(hours=hours), Decimal(value))
 
 
 def report(*windows: Window, aggregation: str | None = "SUM", **query: datetime) -> Report:

@@ -59,7 +59,7 @@ def test_every_problem_is_named_by_its_path() -> None:
     )
     assert found == [
         "extra: unknown key (expected 'meters' and 'subjects')",
-        "meters.a.price: must be a Stripe price ID (price_...)",
+        "meters.a: must be a Stripe price ID (price_...)",  # as written: the short form
         "meters.b.unit: unknown key (expected price, multiplier, rounding)",
         "meters.b.multiplier: must be a positive number such as 0.001",
         "meters.b.rounding: must be one of up, down, nearest",
@@ -75,16 +75,24 @@ def test_a_multiplier_is_a_sane_positive_number(multiplier: Any) -> None:
     assert found == ["meters.m.multiplier: must be a positive number such as 0.001"]
 
 
-def test_two_entries_on_one_stripe_target_are_refused() -> None:
+def test_two_meters_on_one_price_are_refused_and_subjects_may_share_a_subscription() -> None:
     found = problems(
         {"meters": {"a": "price_1", "b": "price_1"}, "subjects": {"x": "sub_1", "y": "sub_1"}}
     )
     assert found == [
         "meters.b: price_1 is already used by meters.a; both would set the same windows and "
         "overwrite each other",
-        "subjects.y: sub_1 is already used by subjects.x; both would set the same windows and "
-        "overwrite each other",
     ]
+
+
+def test_subjects_on_one_subscription_whose_names_give_one_second_are_refused() -> None:
+    # team-3 and team-36 hash to the same second of an hour (bridge.sharing.subject_offset).
+    subjects = {"team-3": "sub_1", "team-36": "sub_1", "team-4": "sub_1"}
+    found = problems({"meters": {"a": "price_1"}, "subjects": subjects})
+    assert len(found) == 1 and found[0].startswith(
+        "subjects.team-36: shares sub_1 with subjects.team-3"
+    )
+    parse_config({"meters": {"a": "price_1"}, "subjects": {"team-3": "sub_1", "team-36": "sub_2"}})
 
 
 def test_the_top_level_must_be_a_mapping() -> None:
@@ -98,12 +106,36 @@ def test_a_key_given_twice_is_refused_with_its_line() -> None:
     assert error.value.problems == ["meters.tokens: duplicate key (line 3)"]
 
 
-@pytest.mark.parametrize("raw", [b"meters: [", b"\xff\xfe", b"a: *missing"])
-def test_a_file_that_is_not_yaml_is_one_problem(raw: bytes) -> None:
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"meters: [", "not valid YAML"),
+        (b"\xff\xfe", "not UTF-8 at byte 0"),
+        (b"a: *missing", "line 1, column 4: anchors and aliases"),
+        (b"meters: &x {a: *x}\n", "line 1, column 9: anchors and aliases"),  # a loop
+        (b"a: &l [1, 2]\nb: *l\n", "line 1, column 4: anchors and aliases"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000, "nested deeper than 20 levels"),
+        (b"? [a]\n: b\n", "not valid YAML"),  # a list as a key
+        (b"#" * (1024 * 1024 + 1), "bytes, over the 1048576 allowed"),
+    ],
+)
+def test_every_yaml_problem_is_one_problem_naming_the_file_and_place(raw: bytes, why: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config_file(raw, "/etc/bridge/config.yaml")
+    assert len(error.value.problems) == 1
+    assert error.value.problems[0].startswith("/etc/bridge/config.yaml: ")
+    assert why in error.value.problems[0]
+
+
+def test_a_key_given_twice_does_not_hide_the_other_problems_and_keys_are_named_as_written() -> None:
+    raw = b"meters:\n  a: price_1\n  a: price_2\n  other: sub_1\nsubjects:\n  yes: sub_1\n"
     with pytest.raises(ConfigError) as error:
         parse_config_file(raw)
-    assert len(error.value.problems) == 1
-    assert error.value.problems[0].startswith("not valid YAML")
+    assert error.value.problems == [
+        "meters.a: duplicate key (line 3)",
+        "meters.other: must be a Stripe price ID (price_...)",
+        "subjects.yes: quote this key so that YAML reads it as text",
+    ]
 
 
 def test_settings_from_a_complete_environment() -> None:

@@ -207,3 +207,11 @@ def test_the_previous_period_starts_one_interval_back(
 
 def test_an_unknown_interval_refuses_nothing() -> None:
     assert previous_period_start(Item("si_1", "metered", None, None)) == -math.inf
+
+
+@pytest.mark.parametrize("target", [legacy_target(), meter_target()], ids=["records", "meter"])
+def test_a_negative_window_is_refused_on_its_own_and_the_others_planned(target: Target) -> None:
+    plan = plan_writes(report(window(0, "5"), window(1, "-3"), window(2, "7")), target, "m", NOW)
+    assert [w.window for w in plan.writes] == [window(0, "5"), window(2, "7")]
+    assert [body["window_start"] for body in plan.refused] == [window(1).start.isoformat()]
+    assert "cannot be negative" in plan.refused[0]["message"]

@@ -103,9 +103,16 @@ def test_half_a_unit_below_zero_is_negative_usage() -> None:
         check_negative(report(window(0, "-0.5")), config())
 
 
-def test_a_negative_row_is_refused_even_when_its_window_sums_above_zero() -> None:
-    with pytest.raises(BadRequest):
-        check_negative(report(window(0, "5", lowest="-2")), config())
+def test_a_report_is_refused_whole_only_when_every_window_is_negative() -> None:
+    check_negative(report(window(0, "-2"), window(1, "5")), config())  # the plan refuses one
+    with pytest.raises(BadRequest, match=r"and 1 more windows"):
+        check_negative(report(window(0, "-2"), window(1, "-5")), config())
+
+
+def test_a_usage_record_window_is_negative_from_half_a_unit_below_zero() -> None:
+    assert denoised(window(0, "-0.49"), legacy_target()) == Decimal(0)
+    with pytest.raises(BadRequest, match="cannot be negative"):
+        denoised(window(0, "-0.5"), legacy_target())
 
 
 def test_negative_usage_is_judged_after_the_multiplier() -> None:
