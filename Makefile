@@ -92,9 +92,9 @@ bench: $(BIN)/.dev
 profile: $(BIN)/.dev
 	$(BIN)/python -m bench.profile
 
-## chaos: Svix-like at-least-once delivery while Stripe faults and workers are SIGKILLed (~3 min)
-chaos: $(BIN)/.dev
-	$(BIN)/python -m bench.chaos
+## chaos: Svix-like delivery to two replicas on one PostgreSQL while Stripe faults and workers are SIGKILLed (~3 min)
+chaos: $(BIN)/.dev postgres
+	$(BIN)/python -m bench.chaos --replicas 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,15 +1,16 @@
 """`make chaos`: at-least-once delivery into the service while Stripe fails and workers die.
 
 The service runs as its container starts it (the Dockerfile's CMD: gunicorn with gunicorn.conf.py,
-two workers, STATE_PATH in a temporary folder) against the fake Stripe in its own process
-(tests/fake_stripe/), which fails a share of all calls (500, 429 lock timeouts with
-Stripe-Should-Retry, 429 rate limits, dropped connections, lost and late answers of performed
-writes). A Svix-like sender delivers the reports at least once: shuffled, sometimes twice (some of
-those at the same moment), retried with the same svix-id and a fresh signature on a compressed
-Svix schedule, a 15 s timeout counting as a failure. Meanwhile a gunicorn worker is SIGKILLed every
-few seconds. Then a correction phase, under the same faults, sets windows to v1, v2 and v1 again
-under new message ids. Afterwards every window in the fake Stripe must hold exactly its value:
-usage records per item and timestamp (a legacy price), meter values per customer and hour (a
+two workers, STATE_PATH in a temporary folder; with --replicas N, N such masters behind a
+round-robin "proxy", sharing one throw-away PostgreSQL ledger through DATABASE_URL) against the fake
+Stripe in its own process (tests/fake_stripe/), which fails a share of all calls (500, 429 lock
+timeouts with Stripe-Should-Retry, 429 rate limits, dropped connections, lost and late answers of
+performed writes). A Svix-like sender delivers the reports at least once: shuffled, sometimes twice
+(some of those at the same moment), retried with the same svix-id and a fresh signature on a
+compressed Svix schedule, a 15 s timeout counting as a failure. Meanwhile a gunicorn worker is
+SIGKILLed every few seconds. Then a correction phase, under the same faults, sets windows to v1, v2
+and v1 again under new message ids. Afterwards every window in the fake Stripe must hold exactly its
+value: usage records per item and timestamp (a legacy price), meter values per customer and hour (a
 pre-aggregated hourly meter).
 
 Exits 1 if a window was lost or doubled, a message never finished, the service answered anything
@@ -40,6 +41,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from bench.replicas import ledger_env, more_replicas
 from tests.fake_stripe import FAULT_KINDS
 from tests.harness import (
     Running,
@@ -244,7 +246,7 @@ class Svix:
 
     def __init__(
         self,
-        base: str,
+        bases: list[str],
         *,
         senders: int,
         duplicate_rate: float,
@@ -252,8 +254,12 @@ class Svix:
         retry_delays: tuple[float, ...],
         rng: random.Random,
     ) -> None:
-        host, port = base.removeprefix("http://").split(":")
-        self._address = (host, int(port))
+        # Like a proxy in front of replicas: each attempt goes to the next one in turn.
+        self._addresses = [
+            (host, int(port))
+            for host, port in (base.removeprefix("http://").split(":") for base in bases)
+        ]
+        self._turn = itertools.count()
         self._duplicate_rate = duplicate_rate
         self._timeout = timeout
         self._retry_delays = retry_delays
@@ -361,7 +367,8 @@ class Svix:
         """POSTs the message once over a new connection: (outcome, detail)."""
         at = datetime.fromtimestamp(timestamp, UTC)
         headers = sign(message.body, message.id, at=at)
-        connection = http.client.HTTPConnection(*self._address, timeout=self._timeout)
+        address = self._addresses[next(self._turn) % len(self._addresses)]
+        connection = http.client.HTTPConnection(*address, timeout=self._timeout)
         try:
             connection.request("POST", "/webhook", message.body.encode(), headers)
             response = connection.getresponse()
@@ -380,8 +387,8 @@ class Svix:
 class Killer:
     """SIGKILLs a random gunicorn worker every few seconds; the master respawns it."""
 
-    def __init__(self, master: int, every: float, rng: random.Random) -> None:
-        self.master = master
+    def __init__(self, masters: list[int], every: float, rng: random.Random) -> None:
+        self.masters = masters
         self.every = every
         self.rng = rng
         self.kills = 0
@@ -392,7 +399,7 @@ class Killer:
     def _loop(self) -> None:
         """Kills until stopped."""
         while not self._stopping.wait(self.rng.uniform(0.5, 1.5) * self.every):  # 2-6 s
-            workers = worker_pids(self.master)
+            workers = [pid for master in self.masters for pid in worker_pids(master)]
             if not workers:
                 continue
             try:
@@ -438,9 +445,9 @@ def config_yaml() -> str:
     return f"meters:\n{meters}subjects:\n{subjects}"
 
 
-def running(workdir: Path) -> AbstractContextManager[Running]:
-    """The fake Stripe and the service as production starts it, with a ledger of its own."""
-    env = {"STRIPE_API_KEY": API_KEY, "STATE_PATH": str(workdir / "state" / "bridge.sqlite3")}
+def running(workdir: Path, ledger: dict[str, str]) -> AbstractContextManager[Running]:
+    """The fake Stripe and the service as production starts it, with the ledger given."""
+    env = {"STRIPE_API_KEY": API_KEY, **ledger}
     return fake_and_service(workdir, fixtures(), config_yaml(), env)
 
 
@@ -551,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the plan and faults")
     parser.add_argument("--short", action="store_true", help="the CI run: 150 reports, ~40 s")
     parser.add_argument("--keep", type=Path, help="copy the service log and state here")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="gunicorn masters; 2+ share one PostgreSQL (1)"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.corrections <= 2 * SUBJECTS:
         parser.error(f"--corrections: 0 to {2 * SUBJECTS} (one window per subject and kind)")
@@ -561,20 +571,25 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="bridge-chaos-") as folder,
-        running(Path(folder)) as stack,
-    ):
+        ledger_env(args.replicas, Path(folder)) as ledger,
+        running(Path(folder), ledger) as stack,
+        more_replicas(stack, args.replicas - 1, ledger | {"STRIPE_API_KEY": API_KEY},
+                      Path(folder)) as others,
+    ):  # fmt: skip
+        bases = [stack.base, *(other.base for other in others)]
+        masters = [stack.service.pid, *(other.process.pid for other in others)]
         streams = streams_of(stack)
         plan = make_plan(streams, args.reports, rng)
         stack.control("faults", fault_plan(args.fault_rate, args.late_delay, seed))
         svix = Svix(
-            stack.base,
+            bases,
             senders=args.senders,
             duplicate_rate=args.duplicates,
             timeout=CLIENT_TIMEOUT,
             retry_delays=RETRY_DELAYS,
             rng=random.Random(rng.random()),
         )
-        killer = Killer(stack.service.pid, args.kill_every, random.Random(rng.random()))
+        killer = Killer(masters, args.kill_every, random.Random(rng.random()))
         # Shuffled: repeats and neighbouring windows arrive in any order, at an even pace.
         order = list(plan.messages)
         rng.shuffle(order)
@@ -596,9 +611,11 @@ def main(argv: list[str] | None = None) -> int:
         svix.stop()
 
         state = stack.control("state")
-        workers = worker_pids(stack.service.pid)
-        service_alive = stack.service.poll() is None
-        log_text = stack.log_path.read_text()
+        workers = [pid for master in masters for pid in worker_pids(master)]
+        service_alive = all(p.poll() is None for p in [stack.service, *(o.process for o in others)])
+        log_text = "".join(
+            path.read_text() for path in [stack.log_path, *(o.log_path for o in others)]
+        )
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             (args.keep / "service.log").write_text(log_text)
@@ -620,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"chaos run (seed {seed}): {len(main_messages)} reports ({plan.windows} windows, "
         f"{plan.repeats} repeats) over {SUBJECTS} subjects x 2 Stripe kinds, "
-        f"{args.senders} senders, {os.cpu_count()} CPUs"
+        f"{args.senders} senders, {os.cpu_count()} CPUs, {args.replicas} replica(s) "
+        f"({'one PostgreSQL ledger' if args.replicas > 1 else 'a SQLite ledger'})"
     )
     print(
         f"durations: main phase {main_seconds:.1f} s, corrections {correction_seconds:.1f} s, "
@@ -638,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"workers killed: {killer.kills} (workers alive at the end: {len(workers)}, "
-        f"master {'alive' if service_alive else 'DEAD'})"
+        f"masters {'alive' if service_alive else 'DEAD'})"
     )
     print(
         f"messages finished: {len(plan.messages) - len(unfinished)} / {len(plan.messages)} "

@@ -25,7 +25,7 @@ from bench.run import SUBJECTS, load, running
 # project, first match wins; standard-library frames (json, ssl, sqlite3, logging...) count for
 # whoever called them (the ledger's SQL is the ledger's, stripe's JSON decoding is stripe's).
 COMPONENTS = [
-    ("ledger (SQLite)", re.compile(r"/bridge/ledger\.py")),
+    ("ledger (SQLite)", re.compile(r"/bridge/ledger(_sql|_sqlite|_postgres)?\.py")),
     ("logs (the bridge's JSON lines)", re.compile(r"/bridge/logs\.py")),
     ("Stripe client (stripe-python)", re.compile(r"(^|/)stripe/")),
     ("HTTP to Stripe (urllib3)", re.compile(r"(^|/)urllib3/")),

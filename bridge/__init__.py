@@ -17,8 +17,12 @@ targets         which Stripe object bills a report (Target, resolve_target)
 sharing         several subjects on one subscription: what Stripe adds up, each one's second
 quantities      a window's value as Stripe takes it (Quantity, MeterValue, zero thresholds)
 planning        each window's checks, timestamp, key and write (plan_writes)
-ledger          what Stripe already accepted (SQLite, shared by the workers)
-writing         sending the writes: one writer per lock key, the ledger batch
+identity        every name a write goes by: lock key, place, keys, identifiers, digest
+ledger          the ledger's interface: shared truth and the critical section per object
+ledger_sql      the ledger's tables and queries, shared by both backends
+ledger_sqlite   the ledger in SQLite (STATE_PATH): one host, fcntl byte-range locks
+ledger_postgres the ledger in PostgreSQL (DATABASE_URL): replicas, advisory locks
+writing         sending the writes to Stripe, inside the ledger's critical section
 service         Bridge (all a webhook needs), make_bridge, process_event
 online_check    check-config --online: Stripe's view of every mapping
 cli             the flask commands: check-config, replay

@@ -65,3 +65,7 @@ class WindowsWaiting(BridgeError):
 
 class NotReady(BridgeError):
     status, code = 503, "not_ready"
+
+
+class LedgerUnavailable(BridgeError):
+    status, code = 503, "ledger_unavailable"

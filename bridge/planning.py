@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import calendar
-import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bridge.errors import BadRequest, StripeRefused
+from bridge.identity import meter_event_identifier, usage_record_key
 from bridge.quantities import (
     MeterValue,
     Quantity,
@@ -44,6 +44,7 @@ class Write:
     timestamp: int
     value: Quantity | MeterValue  # a usage record's whole quantity, or a meter event's value
     key: str  # the idempotency key of a usage record, the identifier of a meter event
+    fresh: str | None = None  # the key that replaced `key` after a 5xx (from the ledger)
 
 
 @dataclass(frozen=True)
@@ -221,28 +222,6 @@ def _unbillable(window: Window, why: str) -> StripeRefused:
     )
 
 
-def idempotency_key(message_id: str, *meaning: object) -> str:
-    """A key per write: the message and what the write means, so that only a true repeat replays."""
-    key = ":".join([message_id, *map(str, meaning)])
-    if len(key) <= 255:
-        return key
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def meter_event_identifier(
-    message_id: str, target: Target, timestamp: int, value: MeterValue
-) -> str:
-    """Raw meters: one event per window, ever. Pre-aggregated: one per message, window and value."""
-    assert target.meter
-    meaning = [target.meter.event_name, target.subscription.customer, str(timestamp)]
-    # A pre-aggregated meter keeps the newest event per bucket, so each message (and each value a
-    # message is converted to, after a multiplier fix) must be new to it; a raw meter adds every
-    # event, so a window must never be sent twice, whatever its value.
-    if not target.raw_meter:
-        meaning[:0] = [message_id, meter_value_text(value)]
-    return "om-" + hashlib.sha256("\n".join(meaning).encode()).hexdigest()[:48]
-
-
 def plan_writes(
     report: Report,
     target: Target,
@@ -296,10 +275,14 @@ def plan_writes(
             continue  # fmt: skip
         if target.meter:
             value = to_meter_value(usage, target.mapping)
-            identifier = meter_event_identifier(message_id, target, timestamp, value)
+            meter = target.meter
+            identifier = meter_event_identifier(
+                message_id, event_name=meter.event_name, customer=target.subscription.customer,
+                timestamp=timestamp, value=meter_value_text(value), raw=target.raw_meter,
+            )  # fmt: skip
             plan.writes.append(Write(window, timestamp, value, identifier))
         else:
             quantity = to_quantity(usage, target.mapping)
-            key = idempotency_key(message_id, target.item.id, timestamp, quantity)
+            key = usage_record_key(message_id, target.item.id, timestamp, quantity)
             plan.writes.append(Write(window, timestamp, quantity, key))
     return plan

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,20 +11,23 @@ from typing import Any
 import stripe
 from svix.webhooks import Webhook
 
+from bridge import identity
 from bridge.config import Config
 from bridge.config_source import ConfigSource
-from bridge.errors import ConfigError, WindowsWaiting
-from bridge.ledger import Ledger, Message, Pending
+from bridge.errors import ConfigError, StripeRefused, WindowsWaiting
+from bridge.ledger import Ledger, Message, Pending, Seen, writing
+from bridge.ledger_postgres import PostgresLedger
+from bridge.ledger_sqlite import SqliteLedger
 from bridge.logs import count_windows, log_event
-from bridge.planning import plan_writes
+from bridge.planning import Plan, plan_writes
 from bridge.quantities import check_negative
 from bridge.report import Report, decode_json, event_type, parse_report
 from bridge.settings import Settings, config_path, settings_from_env
 from bridge.stripe_api import make_stripe_client
 from bridge.stripe_health import KeyHealth
 from bridge.stripe_objects import StripeCaches
-from bridge.targets import Target, resolve_target
-from bridge.writing import LedgerBatch, write_facts, write_report
+from bridge.targets import Target, claim_for, claim_refusal, clash, resolve_target, still_mapped
+from bridge.writing import Sent, write_facts, write_report
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Bridge:
 
     def target(self, report: Report, config: Config) -> Target:
         """The Stripe object that bills a report, found with this bridge's client and caches."""
-        return resolve_target(report, config, self.stripe, self.caches, self.settings.account)
+        return resolve_target(report, config, self.stripe, self.caches)
 
 
 def make_bridge(
@@ -64,8 +66,13 @@ def make_bridge(
     health = KeyHealth.for_this_start()
     client = make_stripe_client(settings, health)
     verifiers = tuple(Webhook(secret) for secret in settings.webhook_secrets)
-    ledger = Ledger(settings.state_path)
+    ledger = open_ledger(settings.state_path, settings.database_url)
     return Bridge(settings, config, client, StripeCaches(), ledger, verifiers, health)
+
+
+def open_ledger(state_path: str, database_url: str | None) -> Ledger:
+    """The ledger the environment names: PostgreSQL if DATABASE_URL is set, else SQLite."""
+    return PostgresLedger(database_url) if database_url else SqliteLedger(state_path)
 
 
 def process_event(
@@ -82,7 +89,7 @@ def process_event(
     sent_at is when Svix sent this attempt (its signed timestamp), if it came through Svix.
     """
     facts["message_id"] = message_id
-    digest = hashlib.sha256(body).hexdigest()
+    digest = identity.body_digest(body)
     event = decode_json(body)
     kind = event_type(event)
     if kind != "report.meter":
@@ -104,45 +111,66 @@ def process_event(
                          "incomplete": plan.left_out,
                          "writes": [write_facts(found, w) for w in plan.writes],
                          "refused": plan.refused}  # fmt: skip
-    seen = bridge.ledger.begin(message_id)
-    # When OpenMeter made the report, as far as the bridge can know: no later than the first
-    # attempt the ledger saw, nor than the Svix attempt in hand (the first one, unless retried).
-    made_at = datetime.fromtimestamp(min(seen.first_seen, sent_at or seen.first_seen), UTC)
-    with LedgerBatch(bridge.ledger, Message(message_id, digest, seen.first_seen)) as batch:
-        target = bridge.target(report, config)
-        facts["kind"] = answer["kind"] = target.kind
-        message = batch.message = Message(
-            message_id, placed_digest(digest, target), seen.first_seen
+    ledger = bridge.ledger
+    seen = ledger.begin(message_id, sent_at)  # a 503 if the ledger cannot be reached
+    target = bridge.target(report, config)
+    facts["kind"] = answer["kind"] = target.kind
+    mapping = target.mapping
+    meaning = identity.message_digest(digest, target.place, mapping.multiplier, mapping.rounding)
+    message = Message(message_id, meaning, seen.first_seen)
+    if message.digest == seen.written_as:
+        return answer | {"outcome": "already_written"}
+    plan = plan_writes(
+        report, target, message_id, now, made_at=made_at(seen, sent_at, now), grace=grace
+    )
+    check_claim(ledger, target, report, config)  # once the report could be written
+    count_windows(target.kind, incomplete=len(plan.left_out), waiting=len(plan.waiting))
+    if plan.left_out:
+        answer["incomplete"] = plan.left_out
+        log_event(
+            "incomplete windows left out",
+            logging.WARNING,
+            incomplete=plan.left_out,
+            hint="a later report that holds them in full writes them",
         )
-        if message.digest == seen.written_as:
-            batch.nothing_to_record()
-            return answer | {"outcome": "already_written"}
-        plan = plan_writes(report, target, message_id, now, made_at=made_at, grace=grace)
-        count_windows(target.kind, incomplete=len(plan.left_out), waiting=len(plan.waiting))
-        if plan.left_out:
-            answer["incomplete"] = plan.left_out
-            log_event(
-                "incomplete windows left out",
-                logging.WARNING,
-                incomplete=plan.left_out,
-                hint="a later report that holds them in full writes them",
-            )
-        # Deciding what to send, sending and recording it under one lock keeps a newer report
-        # for the same windows, waiting in this worker, from being undone by this one.
-        with batch.writing(target, complete=not plan.waiting):
-            pending = bridge.ledger.pending(plan.writes, target, message)
-            warn_skipped(pending)
-            count_windows(target.kind, superseded=pending.superseded, kept=pending.kept)
-            write_report(bridge.stripe, bridge.caches.subscriptions, target, pending.writes,
-                         batch.accepted, planned_refusals=plan.refused,
-                         waiting=plan.waiting)  # fmt: skip
-    sent, skipped = len(pending.writes), len(plan.writes) - len(pending.writes)
+    if elsewhere := written_elsewhere(ledger, message_id, target):
+        answer["written_elsewhere"] = elsewhere
+    # The newer-wins check, the writes and their record: one critical section, in one worker of
+    # one replica at a time, so a newer report for the same windows is never undone by this one.
+    with writing(ledger, message, target) as progress:
+        pending = ledger.pending(plan.writes, target.place, target.raw_meter, message)
+        warn_skipped(pending)
+        count_windows(target.kind, superseded=pending.superseded, kept=pending.kept)
+        sent = write_report(
+            bridge.stripe, bridge.caches.subscriptions, target, pending.writes, progress.accepted,
+            on_fresh_key=lambda write, key: ledger.replace_key(write.key, key),
+        )  # fmt: skip
+        progress.done = sent.complete and not plan.refused and not plan.waiting
+    return outcome(answer, target, plan, pending, sent)
+
+
+def outcome(
+    answer: dict[str, Any], target: Target, plan: Plan, pending: Pending, sent: Sent
+) -> dict[str, Any]:
+    """The attempt's one answer: 200 with what was sent, or the error that outranks the others
+    (Stripe unavailable, then refused windows, then windows that wait)."""
+    if sent.stopped is not None:
+        raise sent.stopped
+    if refused := plan.refused + sent.refused:
+        count_windows(target.kind, refused=len(refused))
+        total = len(plan.writes) + len(plan.refused)
+        raise StripeRefused(
+            f"{len(refused)} of {total} windows refused: {refused[0]['message']}",
+            refused[0]["hint"],
+            refused=refused,
+            **({"waiting": plan.waiting} if plan.waiting else {}),  # a 422 outranks their 503
+        )
     if plan.waiting:
         raise WindowsWaiting(
             f"{len(plan.waiting)} of {len(plan.writes) + len(plan.waiting)} windows must wait: "
             f"{plan.waiting[0]['window_start']} {plan.waiting[0]['reason']}",
             "Nothing to do: Svix retries, and the windows are written once they can be.",
-            written=sent,
+            written=sent.written,
             waiting=plan.waiting,
         )
     if left_out := len(plan.left_out) + pending.superseded + pending.kept:
@@ -155,19 +183,45 @@ def process_event(
             kept=pending.kept,
             hint="these windows are not billed by this report; see bridge_windows_total",
         )
-    return answer | {"sent": sent, "skipped": skipped}
+    return answer | {"sent": sent.written, "skipped": len(plan.writes) - len(pending.writes)}
 
 
-def placed_digest(body_digest: str, target: Target) -> str:
-    """What "already written" means: this body, to these Stripe objects, in this Stripe account.
+def made_at(seen: Seen, sent_at: float | None, now: datetime) -> datetime:
+    """When OpenMeter made the report, as far as the bridge can know: no later than the first
+    attempt the ledger saw, by the sender's clock (its svix-timestamp), nor than this attempt.
+    The host's clock judges only a replay (no Svix timestamp): a host whose clock is slow must not
+    make a window the sender saw end look partial."""
+    sent = [moment for moment in (seen.first_sent, sent_at) if moment is not None]
+    return datetime.fromtimestamp(min(sent), UTC) if sent else now
 
-    A resend after a mapping fix (another target, multiplier or rounding), or after switching from
-    a test key to a live one, is another meaning, so it is written again.
-    """
-    # The conversion is part of the meaning: a resend after a multiplier fix writes again.
-    mapping = target.mapping
-    meaning = f"{body_digest}\n{target.place}\n{mapping.multiplier}\n{mapping.rounding}"
-    return hashlib.sha256(meaning.encode()).hexdigest()
+
+def check_claim(ledger: Ledger, target: Target, report: Report, config: Config) -> None:
+    """Refuses a report whose meter events would clash with those of the subject (or mapped
+    meter) that first claimed the customer's meter, in any worker or replica (a 422)."""
+    claim = claim_for(target, report.subject, report.meter)
+    if claim is None or target.meter is None:
+        return
+    held = ledger.claim(claim, lambda held: still_mapped(held, config))
+    if held != claim and clash(held, claim, target.meter):
+        raise claim_refusal(held, claim)
+
+
+def written_elsewhere(ledger: Ledger, message_id: str, target: Target) -> list[dict[str, str]]:
+    """The windows this message already wrote to another place (the subject was remapped between
+    two attempts): named in the answer and a warning, so that an operator can clear them."""
+    found = [
+        {"place": e.place, "timestamp": datetime.fromtimestamp(e.timestamp, UTC).isoformat()}
+        for e in ledger.written_elsewhere(message_id, target.place)
+    ]
+    if found:
+        log_event(
+            "message already wrote to another place",
+            logging.WARNING,
+            place=target.place,
+            written_elsewhere=found,
+            hint="the subject was remapped; clear these windows in Stripe if they were wrong",
+        )
+    return found
 
 
 def warn_skipped(pending: Pending) -> None:

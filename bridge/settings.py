@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import binascii
-import functools
-import hashlib
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -33,20 +31,12 @@ class Settings:
     port: int = 8080
     trusted_proxies: int = 0
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
-    state_path: str | None = "state/bridge.sqlite3"
+    state_path: str = "state/bridge.sqlite3"
+    database_url: str | None = (
+        None  # PostgreSQL, for replicas; never logged (it may hold a password)
+    )
     time_budget: float = 12.0
     invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
-
-    @functools.cached_property  # hashed once: every webhook asks
-    def account(self) -> str:
-        """Which Stripe account the key opens, as the ledger records it: a hash, never the key.
-
-        A hash needs no call and no permission to read the account (restricted keys may lack
-        it). A rotated key of the same account looks like another account: that costs one
-        rewrite, which is idempotent (a `set`, a bucket's newest event, a raw meter identifier).
-        """
-        digest = hashlib.sha256(b"stripe-account\n" + self.stripe_api_key.encode())
-        return digest.hexdigest()[:24]
 
 
 def settings_from_env(
@@ -90,6 +80,15 @@ def settings_from_env(
             "INVOICE_GRACE_SECONDS must be 0-259200: your Stripe account's invoice finalization "
             "grace period (Stripe's default is 3600)"
         )
+    state_path = environ.get("STATE_PATH", "state/bridge.sqlite3").strip()
+    database_url = environ.get("DATABASE_URL", "").strip() or None
+    if database_url and not re.fullmatch(r"postgres(ql)?://\S*", database_url):
+        problems.append("DATABASE_URL must be a postgresql:// URL (the replicas' shared ledger)")
+    elif not state_path and not database_url:
+        problems.append(
+            "STATE_PATH is empty: give the ledger's SQLite file (on a persistent volume), or "
+            "DATABASE_URL for a PostgreSQL ledger; the bridge cannot run without a ledger"
+        )
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -109,7 +108,8 @@ def settings_from_env(
         port=int(port),
         trusted_proxies=int(proxies),
         forwarded_allow_ips=allow,
-        state_path=environ.get("STATE_PATH", "state/bridge.sqlite3").strip() or None,
+        state_path=state_path,
+        database_url=database_url,
         time_budget=float(budget),
         invoice_grace=int(grace),
     )

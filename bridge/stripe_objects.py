@@ -157,8 +157,8 @@ class Cache(Generic[V]):
 
 @dataclass
 class StripeCaches:
-    """The Stripe objects kept between webhooks, each by its ID; and whom each customer's seen
-    subscriptions are."""
+    """The Stripe objects kept between webhooks, each by its ID: they save calls, never decide
+    (what every worker must agree on lives in the ledger)."""
 
     subscriptions: Cache[Subscription] = field(default_factory=Cache)
     meters: Cache[Meter] = field(default_factory=Cache)
@@ -167,8 +167,6 @@ class StripeCaches:
     prices: Cache[Price] = field(default_factory=Cache)
     # Subscriptions with a legacy item: their billing thresholds, read at acacia.
     thresholds: Cache[Thresholds] = field(default_factory=Cache)
-    # customer -> the subscriptions seen billing it: enough to find two subjects on one customer
-    customers: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _retrieve_with_items(

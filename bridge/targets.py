@@ -8,8 +8,9 @@ from functools import partial
 
 import stripe
 
+from bridge import identity
 from bridge.config import Config, MeterMapping
-from bridge.errors import SharedCustomer, StripeRefused, Unmapped
+from bridge.errors import BridgeError, SharedCustomer, StripeRefused, Unmapped
 from bridge.report import Report
 from bridge.sharing import co_subjects, may_share
 from bridge.stripe_objects import (
@@ -33,7 +34,6 @@ class Target:
     item: Item
     mapping: MeterMapping
     meter: Meter | None
-    account: str = ""  # a fingerprint of the Stripe account's key (Settings.account)
     co_subjects: tuple[str, ...] = ()  # the other subjects config.yaml maps to this subscription
 
     @property
@@ -43,16 +43,15 @@ class Target:
 
     @property
     def lock_key(self) -> str:
-        """What Stripe locks on a write (the item, or the customer's meter): writes to one key
-        are made one at a time, and the ledger keeps its windows under it."""
+        """What Stripe locks on a write (identity.lock_key): one writer at a time."""
         if self.meter:
-            return f"{self.subscription.customer}/{self.meter.id}"
-        return self.item.id
+            return identity.lock_key(self.item.id, self.subscription.customer, self.meter.id)
+        return identity.lock_key(self.item.id)
 
     @property
     def place(self) -> str:
-        """Where the writes land: the lock key's object, in this account; the ledger's unit."""
-        return f"{self.account}/{self.kind}/{self.lock_key}"
+        """Where the writes land (identity.place): the ledger's unit."""
+        return identity.place(self.kind, self.lock_key)
 
     @property
     def raw_meter(self) -> bool:
@@ -84,7 +83,6 @@ def resolve_target(
     config: Config,
     client: stripe.StripeClient,
     caches: StripeCaches,
-    account: str,
 ) -> Target:
     """Finds the item, and the meter if its price has one, that bill this report."""
     subscription_id, mapping = find_mapping(report, config)
@@ -96,7 +94,6 @@ def resolve_target(
             mapping.price in found.items and found.items[mapping.price].period_end > time.time()
         ),
     )
-    caches.customers.setdefault(subscription.customer, set()).add(subscription.id)
     item = subscription.items.get(mapping.price)
     if item is None:
         raise StripeRefused(
@@ -127,9 +124,8 @@ def resolve_target(
                 meter=meter.id,
             )
         check_one_price_per_meter(report.meter, subscription, meter, config)
-        check_shared_customer(report.subject, subscription, meter, config, caches)
     target = Target(
-        subscription, item, mapping, meter, account, co_subjects(config.subjects, report.subject)
+        subscription, item, mapping, meter, co_subjects(config.subjects, report.subject)
     )
     check_shared_subscription(report.subject, target)
     return target
@@ -207,28 +203,70 @@ def check_one_price_per_meter(
             )
 
 
-def check_shared_customer(
-    subject: str, subscription: Subscription, meter: Meter, config: Config, caches: StripeCaches
-) -> None:
-    """Refuses a meter that another subject's subscription also bills for the same customer.
+@dataclass(frozen=True)
+class Claim:
+    """Who writes to a customer's meter: a subject, through a mapped meter (its slug).
 
-    Meter events carry only the customer: two subjects billed to one customer and one meter would
-    overwrite each other's buckets (pre-aggregated) or be deduplicated against each other (raw).
-    Only what the cache holds is known here; `check-config --online` checks every subject.
+    Meter events carry only the customer, so what two claims on one customer's meter send lands
+    in the same buckets. The ledger keeps the first claim, so every worker and replica agrees.
     """
-    for other_id in caches.customers.get(subscription.customer, set()) - {subscription.id}:
-        other = caches.subscriptions.peek(other_id)
-        if other is None or not any(i.meter == meter.id for i in other.items.values()):
-            continue
-        others = [name for name, sub in config.subjects.items() if sub == other_id]
-        if others:
-            raise SharedCustomer(
-                f"subjects {subject!r} ({subscription.id}) and {others[0]!r} ({other_id}) bill "
-                f"the same customer {subscription.customer} on meter {meter.id}: their meter "
-                "events would overwrite or cancel each other",
-                "Bill the two subjects to different customers, or report them as one subject "
-                "from OpenMeter; Svix retries for about a day.",
-                subjects=sorted([subject, others[0]]),
-                customer=subscription.customer,
-                meter=meter.id,
-            )
+
+    customer: str
+    meter: str
+    subject: str
+    subscription: str
+    slug: str
+
+
+def claim_for(target: Target, subject: str, slug: str) -> Claim | None:
+    """The claim a report's writes make (None for usage records: each item is its own)."""
+    if target.meter is None:
+        return None
+    subscription = target.subscription
+    return Claim(subscription.customer, target.meter.id, subject, subscription.id, slug)
+
+
+def clash(held: Claim, new: Claim, meter: Meter) -> bool:
+    """Whether two claims' events would overwrite or cancel each other on this meter.
+
+    Another mapped meter on one customer's meter always does; another subject does unless
+    Stripe adds up what both send (sharing.may_share: through one subscription, whose subjects
+    each take a second of their own, to a raw sum meter). A pre-aggregated meter keeps only the
+    newest event per bucket, a raw one only the first per window identifier.
+    """
+    if held.slug != new.slug:
+        return True
+    same_subscription = held.subscription == new.subscription
+    pre_aggregated = bool(meter.event_time_window)
+    return held.subject != new.subject and not may_share(
+        "meter_events", meter.formula, pre_aggregated, same_subscription
+    )
+
+
+def still_mapped(claim: Claim, config: Config) -> bool:
+    """Whether config.yaml still maps the claim's subject and meter as when it was made: a
+    claim an operator has mapped away is stale, and the next claim takes its place."""
+    return config.subjects.get(claim.subject) == claim.subscription and claim.slug in config.meters
+
+
+def claim_refusal(held: Claim, new: Claim) -> BridgeError:
+    """The 422 for a claim that clashes with the one the ledger holds."""
+    if held.slug != new.slug:
+        return StripeRefused(
+            f"meters.{new.slug} and meters.{held.slug} both go to Stripe meter {new.meter} for "
+            f"customer {new.customer}: their events would overwrite each other",
+            "Give each OpenMeter meter a price on its own Stripe meter; Svix retries for "
+            "about a day.",
+            meter=new.meter,
+            meters=sorted([new.slug, held.slug]),
+        )
+    return SharedCustomer(
+        f"subjects {new.subject!r} ({new.subscription}) and {held.subject!r} "
+        f"({held.subscription}) bill the same customer {new.customer} on meter {new.meter}: "
+        "their meter events would overwrite or cancel each other",
+        "Bill the two subjects to different customers, or report them as one subject "
+        "from OpenMeter; Svix retries for about a day.",
+        subjects=sorted([new.subject, held.subject]),
+        customer=new.customer,
+        meter=new.meter,
+    )

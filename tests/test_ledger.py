@@ -12,7 +12,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from bridge.ledger import Ledger, Message
+from bridge.ledger import Message
+from bridge.ledger_sqlite import SqliteLedger
 from tests.conftest import Billing, Service, deliver
 from tests.fake_stripe import FakeStripe
 from tests.harness import hours_ago, report
@@ -79,44 +80,44 @@ def test_deleting_the_ledger_keeps_everything_correct(
     assert stripe_fake.usage_total(billing.api) == 1 + 16
 
 
-def test_an_unusable_ledger_is_logged_and_worked_around(
-    environment: dict[str, str],
-    stripe_fake: FakeStripe,
-    billing: Billing,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+def test_an_unwritable_ledger_answers_503_writes_nothing_and_once_back_writes_once(
+    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing, tmp_path: Path
 ) -> None:
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("")
-    client = create_app(environment | {"STATE_PATH": str(blocker / "state.sqlite3")}).test_client()
-    with caplog.at_level(logging.WARNING, logger="bridge"):
-        assert deliver(client, report([3]), "msg_a").status_code == 200
-        assert deliver(client, report([3]), "msg_a").status_code == 200
-    assert stripe_fake.usage_total(billing.api) == 3
-    assert any(r.getMessage() == "ledger unavailable" for r in caplog.records)
-
-
-def test_empty_state_path_turns_the_ledger_off(
-    environment: dict[str, str], stripe_fake: FakeStripe, billing: Billing
-) -> None:
-    client = create_app(environment | {"STATE_PATH": ""}).test_client()
+    blocker = tmp_path / "state-volume"
+    blocker.write_text("")  # where the ledger's folder should be: it cannot be made
+    env = environment | {"STATE_PATH": str(blocker / "bridge.sqlite3")}
+    client = create_app(env).test_client()
+    for _ in range(2):
+        refused = deliver(client, report([3]), "msg_a")
+        assert refused.status_code == 503 and refused.json is not None
+        assert refused.json["error"] == "ledger_unavailable", refused.json
+        assert "Svix retries" in refused.json["hint"]
+    assert not [r for r in stripe_fake.requests if r.method == "POST"]  # nothing written
+    blocker.unlink()  # the volume is back
     assert deliver(client, report([3]), "msg_a").status_code == 200
     again = deliver(client, report([3]), "msg_a")
-    assert again.json is not None and again.json["outcome"] == "written"
+    assert again.json is not None and again.json["outcome"] == "already_written"
+    assert len([r for r in stripe_fake.requests if r.method == "POST"]) == 1
     assert stripe_fake.usage_total(billing.api) == 3
-    assert not Path(environment["STATE_PATH"]).exists()
+
+
+def test_an_empty_state_path_is_refused_at_start(environment: dict[str, str]) -> None:
+    app = create_app(environment | {"STATE_PATH": ""})
+    [problem] = app.extensions["problems"]
+    assert problem.startswith("STATE_PATH is empty") and "DATABASE_URL" in problem
 
 
 def test_entries_expire_after_48_hours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ledger = Ledger(str(tmp_path / "ledger.sqlite3"))
-    ledger.record(Message("msg_old", "digest", time.time()), done=True)
-    seen = ledger.begin("msg_old")
+    ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))
+    seen = ledger.begin("msg_old", None)
+    ledger.record(Message("msg_old", "digest", seen.first_seen), True, "usage_records/si_1", ())
+    seen = ledger.begin("msg_old", None)
     assert seen.written_as == "digest" and abs(seen.first_seen - time.time()) < 5
-    later = time.time() + Ledger.KEEP_SECONDS + 60
+    later = time.time() + SqliteLedger.KEEP_SECONDS + 60
     monkeypatch.setattr(time, "time", lambda: later)
-    ledger._expired_at = -Ledger.EXPIRE_EVERY_SECONDS  # due now
-    seen = ledger.begin("msg_old")
-    assert seen.written_as is None and seen.first_seen == later
+    ledger._expired_at = -SqliteLedger.EXPIRE_EVERY_SECONDS  # due now
+    seen = ledger.begin("msg_old", None)
+    assert seen.written_as is None  # forgotten, and seen afresh
 
 
 def test_large_report_completes_across_attempts_and_a_killed_worker(

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-import bridge.writing
 from tests.conftest import deliver
 from tests.fake_stripe import FakeStripe
-from tests.harness import hours_ago, report
+from tests.harness import hours_ago, iso, report
 
 CONFIG_YAML = """\
 meters:
@@ -315,7 +314,8 @@ def test_concurrent_reports_to_one_meter_are_written_one_at_a_time(
         thread.join()
     assert statuses == [200, 200, 200]
     assert not [r for r in stripe_fake.requests if r.status == 429]
-    assert bridge.writing._locks == {}  # the last writer drops an object's lock
+    ledger = client.application.extensions["bridge"].ledger
+    assert ledger._locks._threads == {}  # the last writer drops an object's thread lock
 
 
 def test_raw_meter_leaves_out_a_window_open_when_the_report_was_made(
@@ -351,3 +351,20 @@ def test_raw_meter_correction_skipped_by_the_ledger_is_logged(
         "stripe_customer_id": billing.customer,
         "value": "10",
     }
+
+
+def test_a_slow_host_clock_does_not_make_a_raw_meters_last_window_incomplete(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Meters
+) -> None:
+    """Completeness is judged by the sender's clock (the first attempt's svix-timestamp): a host
+    90 s behind the sender must not leave out a window the sender saw end before it sent."""
+    host_now = datetime.now(UTC).replace(microsecond=0)
+    sender_now = host_now + timedelta(seconds=90)  # the host's clock is 90 s slow
+    end = host_now + timedelta(seconds=75)  # ended 15 s before the sender sent the report
+    start = end - timedelta(minutes=2)
+    event = report([6], meter="tokens", first=start, size=timedelta(minutes=2))
+    event["query"] |= {"from": iso(start), "to": iso(end)}
+    response = deliver(client, event, "msg_skewed", at=sender_now)
+    assert response.status_code == 200, response.json
+    assert response.json is not None and "incomplete" not in response.json, response.json
+    assert [e["payload"]["value"] for e in stripe_fake.meter_events()] == ["6"]

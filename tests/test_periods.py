@@ -3,6 +3,7 @@ saved 5xx answers, and what "already written" means. Each against the fake Strip
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -219,6 +220,25 @@ def test_two_subjects_on_one_customer_and_meter_are_422_once_both_are_known(
     assert len(stripe_fake.meter_events()) == sent  # team-a's bucket is not overwritten
 
 
+def test_a_claim_mapped_away_gives_the_customers_meter_to_the_next_subject(
+    connect: Connect, stripe_fake: FakeStripe
+) -> None:
+    shared_customer(stripe_fake)
+    first = hours_ago(3)
+    both = connect({"team-a": "sub_1TeamA", "team-b": "sub_1TeamB"})
+    assert (
+        deliver(both, report([1], subject="team-a", meter="calls", first=first)).status_code == 200
+    )
+    b_event = report([2], subject="team-b", meter="calls", first=first - timedelta(hours=1))
+    assert deliver(both, b_event, "msg_b").status_code == 422
+    only_b = connect({"team-b": "sub_1TeamB"})  # the operator moved team-a off this customer
+    response = deliver(only_b, b_event, "msg_b")
+    assert response.status_code == 200, response.json
+    again = connect({"team-a": "sub_1TeamA", "team-b": "sub_1TeamB"})  # team-a mapped back
+    refused = deliver(again, report([3], subject="team-a", meter="calls", first=first), "msg_a2")
+    assert refused.status_code == 422 and answer(refused)["subjects"] == ["team-a", "team-b"]
+
+
 def test_two_subjects_on_one_customer_with_usage_records_are_fine(
     connect: Connect, stripe_fake: FakeStripe
 ) -> None:
@@ -281,9 +301,12 @@ def test_a_saved_500_does_not_block_the_next_delivery_nor_count_twice(
     assert deliver(client, event, "msg_500").status_code == 503
     response = deliver(client, event, "msg_500")  # Svix's next attempt
     assert response.status_code == 200, response.json
-    later = usage_keys(stripe_fake)[3:]
-    assert later[0][1:] == (500, True)  # the message's own key replays Stripe's saved 500...
-    assert [status for _, status, _ in later[1:]] == [200, 200]  # ...then a fresh one writes
+    first, later = usage_keys(stripe_fake)[:3], usage_keys(stripe_fake)[3:]
+    assert [status for _, status, _ in first] == [500, 500, 500]
+    # The ledger remembers the fresh key: no key whose answer was a 500 is sent again, so
+    # Stripe's saved 500 is never replayed, in this worker or any other.
+    assert [(status, replay) for _, status, replay in later] == [(200, False), (200, False)]
+    assert not {key for key, _, _ in first} & {key for key, _, _ in later}
     assert stripe_fake.usage_total(billing.api) == 11
     again = deliver(client, report([5, 7], first=hours_ago(3)), "msg_fix")  # a correction
     assert again.status_code == 200 and stripe_fake.usage_total(billing.api) == 12
@@ -305,19 +328,20 @@ def test_resend_after_a_mapping_fix_writes_to_the_new_subscription(
     assert answer(deliver(fixed, event, "msg_map"))["outcome"] == "already_written"
 
 
-def test_resend_with_another_stripe_account_writes_again(
+def test_a_key_rotation_changes_nothing_a_redelivery_is_already_written(
     connect: Connect, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
     event = report([4])
-    test_key = connect({"customer-1": billing.customer1})
-    assert deliver(test_key, event, "msg_key").status_code == 200
-    calls = len(stripe_fake.requests)
-    stripe_fake.api_key = "sk_live_bridge0123456789"  # the same objects stand for the live account
-    live = connect({"customer-1": billing.customer1}, STRIPE_API_KEY=stripe_fake.api_key)
-    response = deliver(live, event, "msg_key")
-    assert response.status_code == 200 and answer(response)["outcome"] == "written"
-    assert len(posts(stripe_fake)) == 2 and len(stripe_fake.requests) > calls
-    assert answer(deliver(live, event, "msg_key"))["outcome"] == "already_written"
+    old_key = connect({"customer-1": billing.customer1})
+    assert deliver(old_key, event, "msg_key").status_code == 200
+    posted = len(posts(stripe_fake))
+    # The same account, its key rolled to a restricted one: the objects (and their ids) stay.
+    stripe_fake.api_key = "rk_test_bridge0123456789rotated"
+    new_key = connect({"customer-1": billing.customer1}, STRIPE_API_KEY=stripe_fake.api_key)
+    response = deliver(new_key, event, "msg_key")
+    assert response.status_code == 200 and answer(response)["outcome"] == "already_written"
+    assert len(posts(stripe_fake)) == posted  # nothing sent
+    assert stripe_fake.usage_total(billing.api) == 4
 
 
 def test_the_ledger_file_never_holds_the_stripe_key(
@@ -363,3 +387,38 @@ def test_billing_cycle_reset_inside_an_open_window_bills_its_earlier_value_twice
     assert records[start] == 3  # on the old period's invoice
     assert records[reset] == 5  # and the whole window again in the new period: 3 billed twice
     assert datetime.fromtimestamp(reset, UTC) > window  # the reset fell inside the window
+
+
+def test_a_remap_between_attempts_names_the_windows_written_to_the_old_place(
+    connect: Connect,
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    event = report([10, 20, 30])
+    before = connect({"customer-1": billing.customer1})
+    # With this seed only the third write is rate limited: the first attempt writes two windows.
+    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=0)
+    first = deliver(before, event, "msg_remap")
+    assert first.status_code == 503 and answer(first)["written"] == 2
+    stripe_fake.clear_faults()
+    after = connect({"customer-1": "sub_1Newcomer"})  # the operator remaps the subject
+    bridge_log = logging.getLogger("bridge")
+    bridge_log.addHandler(caplog.handler)  # the bridge's logger does not propagate
+    try:
+        response = deliver(after, event, "msg_remap")  # Svix's next attempt
+    finally:
+        bridge_log.removeHandler(caplog.handler)
+    assert response.status_code == 200 and answer(response)["sent"] == 3
+    stamps = [
+        datetime.fromtimestamp(t, UTC).isoformat() for t in stripe_fake.usage_records(billing.api)
+    ]
+    old_place = f"usage_records/{billing.api}"
+    assert answer(response)["written_elsewhere"] == [
+        {"place": old_place, "timestamp": stamp} for stamp in sorted(stamps)
+    ]
+    [warning] = [
+        r for r in caplog.records if r.getMessage() == "message already wrote to another place"
+    ]
+    assert warning.levelno == logging.WARNING
+    assert stripe_fake.usage_total(stripe_fake.item_id("sub_1Newcomer", "price_1Api")) == 60

@@ -148,6 +148,7 @@ def test_settings_from_a_complete_environment() -> None:
             "TRUSTED_PROXIES": "1",
             "FORWARDED_ALLOW_IPS": "10.0.0.0/8, 127.0.0.1",
             "STATE_PATH": "",
+            "DATABASE_URL": "postgresql://bridge@db.internal/bridge",
             "CONFIG_PATH": "/etc/bridge.yaml",
         }
     )
@@ -158,7 +159,8 @@ def test_settings_from_a_complete_environment() -> None:
         port=9000,
         trusted_proxies=1,
         forwarded_allow_ips=("10.0.0.0/8", "127.0.0.1"),
-        state_path=None,  # empty: no ledger
+        state_path="",  # unused: the ledger is PostgreSQL
+        database_url="postgresql://bridge@db.internal/bridge",
         time_budget=8.5,
     )
 
@@ -192,3 +194,17 @@ def test_the_cli_needs_only_what_it_uses() -> None:
     assert settings.webhook_secrets == ()
     with pytest.raises(ConfigError, match="STRIPE_API_KEY is not set"):
         settings_from_env({}, required=["STRIPE_API_KEY"])
+
+
+def test_the_ledger_is_required_and_its_url_is_never_quoted() -> None:
+    base = {"STRIPE_API_KEY": "rk_test_1", "OPENMETER_WEBHOOK_SECRET": SECRET}
+    with pytest.raises(ConfigError) as error:
+        settings_from_env(base | {"STATE_PATH": " "})
+    assert error.value.problems[0].startswith("STATE_PATH is empty")
+    with pytest.raises(ConfigError) as error:
+        settings_from_env(base | {"DATABASE_URL": "mysql://bridge:pa55word@db/bridge"})
+    [problem] = error.value.problems
+    assert problem.startswith("DATABASE_URL must be a postgresql:// URL")
+    assert "pa55word" not in problem
+    url = "postgres://bridge:pa55word@db/bridge"
+    assert settings_from_env(base | {"STATE_PATH": "", "DATABASE_URL": url}).database_url == url

@@ -11,11 +11,11 @@ from decimal import Decimal
 import pytest
 
 from bridge.errors import BadRequest, StripeRefused
+from bridge.identity import idempotency_key
 from bridge.planning import (
     check_aggregation,
     check_meter_age,
     check_meter_window,
-    idempotency_key,
     in_billing_period,
     not_yet,
     plan_writes,
