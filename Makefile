@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run try test lint unit sandbox proxy postgres hashes demo check-config replay send bench profile chaos clean
+.PHONY: run try test lint unit sandbox proxy postgres hashes demo check-config replay send bench bench-fanout profile chaos clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it. Every
 # file pip may take is pinned by its sha256 (`make hashes` writes them); pip refuses anything else.
@@ -87,6 +87,10 @@ demo: $(BIN)/.dev
 ## bench: the full benchmark (several minutes); bench/run.py --help for options
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run
+
+## bench-fanout: month-end fan-out against a rate-limited fake Stripe, R=25 and 100/s (~6 min)
+bench-fanout: $(BIN)/.dev
+	$(BIN)/python -m bench.fanout $(ARGS)
 
 ## profile: where a loaded service's CPU goes (py-spy over a 32-sender run; ~1 min, as root)
 profile: $(BIN)/.dev

@@ -66,8 +66,8 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0, *(8.0,) * 9)
 SVIX_ATTEMPTS = 8
 CLIENT_TIMEOUT = 15.0  # Svix's: a slower answer is a failure
 STALL_SECONDS = 120.0  # no delivery answered (or timed out) for this long: the run hangs
-# Each kind's share of the faults. 429s for rate limits are not retried by the bridge within an
-# attempt, and a late answer costs it its whole read timeout, so those two are rarer.
+# Each kind's share of the faults. A 429 for a rate limit pauses every worker's rate budget for a
+# second before its retry, and a late answer costs a whole read timeout, so those two are rarer.
 FAULT_WEIGHTS = {
     "500": 5,
     "429_lock": 5,
@@ -447,7 +447,8 @@ def config_yaml() -> str:
 
 def running(workdir: Path, ledger: dict[str, str]) -> AbstractContextManager[Running]:
     """The fake Stripe and the service as production starts it, with the ledger given."""
-    env = {"STRIPE_API_KEY": API_KEY, **ledger}
+    # The fake has no rate limit here: faults, not pacing.
+    env = {"STRIPE_API_KEY": API_KEY, "STRIPE_MAX_RATE": "1000", **ledger}
     return fake_and_service(workdir, fixtures(), config_yaml(), env)
 
 

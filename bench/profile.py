@@ -26,6 +26,7 @@ from bench.run import SUBJECTS, load, running
 # whoever called them (the ledger's SQL is the ledger's, stripe's JSON decoding is stripe's).
 COMPONENTS = [
     ("ledger (SQLite)", re.compile(r"/bridge/ledger(_sql|_sqlite|_postgres)?\.py")),
+    ("rate budget (SQLite)", re.compile(r"/bridge/pacing\.py")),
     ("logs (the bridge's JSON lines)", re.compile(r"/bridge/logs\.py")),
     ("Stripe client (stripe-python)", re.compile(r"(^|/)stripe/")),
     ("HTTP to Stripe (urllib3)", re.compile(r"(^|/)urllib3/")),

@@ -96,22 +96,31 @@ def report(rows: list[dict[str, Any]], subject: str) -> str:
 
 
 @contextmanager
-def running(latency: float, workdir: Path, budget: float = 12.0) -> Iterator[Stack]:
-    """Starts the fake Stripe and the service; stops both afterwards."""
+def running(
+    latency: float,
+    workdir: Path,
+    budget: float = 12.0,
+    *,
+    subjects: int = SUBJECTS,
+    max_rate: float = 10_000.0,
+) -> Iterator[Stack]:
+    """Starts the fake Stripe and the service; stops both afterwards. The rate budget is as good as
+    unlimited unless max_rate says otherwise: paced, but never waiting."""
     prices = [{"id": "price_1Bench", "usage_type": "metered", "aggregate_usage": "sum"}]
-    subscriptions = [{"id": f"sub_1Bench{n}", "prices": ["price_1Bench"]} for n in range(SUBJECTS)]
-    subjects = "".join(f"  customer-{n}: sub_1Bench{n}\n" for n in range(SUBJECTS))
-    config = f"meters:\n  api_requests: price_1Bench\nsubjects:\n{subjects}"
+    subscriptions = [{"id": f"sub_1Bench{n}", "prices": ["price_1Bench"]} for n in range(subjects)]
+    mapping = "".join(f"  customer-{n}: sub_1Bench{n}\n" for n in range(subjects))
+    config = f"meters:\n  api_requests: price_1Bench\nsubjects:\n{mapping}"
     env = {
         "STRIPE_API_KEY": API_KEY,
         "STATE_PATH": str(workdir / "state.sqlite3"),
         "TIME_BUDGET_SECONDS": str(budget),
+        "STRIPE_MAX_RATE": f"{max_rate:.3f}",
     }
     fixtures = {"prices": prices, "subscriptions": subscriptions}
     with fake_and_service(workdir, fixtures, config, env, latency) as started:
         stack = Stack(**{f.name: getattr(started, f.name) for f in fields(Running)})
         state = stack.control("state")
-        for n in range(SUBJECTS):
+        for n in range(subjects):
             items = state["subscriptions"][f"sub_1Bench{n}"]["items"]["data"]
             stack.items[f"customer-{n}"] = items[0]["id"]
         yield stack

@@ -9,6 +9,7 @@ config_source   config.yaml live: re-read when its bytes change, the last good v
 signature       Svix: the signature, when an attempt was sent, the attempt's budget
 report          OpenMeter's report.meter event: strict JSON, windows, completeness
 budget          the webhook's time budget, which bounds every Stripe call
+pacing          the Stripe rate budget (STRIPE_MAX_RATE), shared by workers and replicas
 transport       stripe's HTTP transport (connections, proxies, per-request timeouts)
 stripe_health   whether Stripe rejects the API key (for /readyz), shared by the workers
 stripe_api      the one Stripe client, its retries, what a Stripe error answers
@@ -25,6 +26,7 @@ ledger_postgres the ledger in PostgreSQL (DATABASE_URL): replicas, advisory lock
 writing         sending the writes to Stripe, inside the ledger's critical section
 service         Bridge (all a webhook needs), make_bridge, process_event
 online_check    check-config --online: Stripe's view of every mapping
+sizing          check-config's sizing for Svix's fan-out: waves, the throttle to set
 cli             the flask commands: check-config, replay
 stopping        how a gunicorn worker stops: gracefully, on any stop signal, even while booting
 """

@@ -15,13 +15,18 @@ from bridge.errors import BridgeError, ConfigError
 from bridge.online_check import check_online
 from bridge.service import make_bridge, process_event
 from bridge.settings import config_path, settings_from_env
+from bridge.sizing import Sizing
 from bridge.stripe_api import make_stripe_client
 
 
 @click.command("check-config")
 @click.argument("path", required=False)
 @click.option("--online", is_flag=True, help="Also ask Stripe about every price and subscription.")
-def check_config_command(path: str | None, online: bool) -> None:
+@click.option(
+    "--windows", default=24, show_default=True, type=click.IntRange(1),
+    help="Windows in each report, for the sizing (24: a day of hourly windows).",
+)  # fmt: skip
+def check_config_command(path: str | None, online: bool, windows: int) -> None:
     """Validate a config file (default $CONFIG_PATH, then config.yaml); exit 1 on any problem."""
     path = path or config_path(os.environ)
     try:
@@ -34,6 +39,8 @@ def check_config_command(path: str | None, online: bool) -> None:
     click.echo(f"{path}: valid ({len(config.meters)} meters, {len(config.subjects)} subjects)")
     for warning in coarsening_warnings(config):
         click.echo(f"  {warning}")
+    for line in sizing_lines(config, windows):
+        click.echo(line)
     if online:
         try:
             client = make_stripe_client(settings_from_env(os.environ, ["STRIPE_API_KEY"]))
@@ -45,6 +52,19 @@ def check_config_command(path: str | None, online: bool) -> None:
             click.echo(f"  {entry:<{width}}  {verdict:<8}  {detail}")
         if any(verdict == "problem" for _, verdict, _ in rows):
             raise SystemExit(1)
+
+
+def sizing_lines(config: Config, windows: int) -> list[str]:
+    """The month-end sizing for this config at the environment's STRIPE_MAX_RATE (or the default
+    for the key's mode), each subject reporting each meter at once."""
+    try:
+        settings = settings_from_env(os.environ, ())
+    except ConfigError as error:
+        return [f"sizing: skipped, the environment is not valid: {'; '.join(error.problems)}"]
+    reports = len(config.subjects) * len(config.meters)
+    sizing = Sizing(settings.stripe_max_rate, settings.time_budget, reports, windows,
+                    settings.invoice_grace)  # fmt: skip
+    return sizing.lines()
 
 
 def coarsening_warnings(config: Config) -> list[str]:

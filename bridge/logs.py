@@ -72,6 +72,15 @@ STRIPE_SECONDS = Histogram(
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 STRIPE_ERRORS = Counter("bridge_stripe_errors_total", "Stripe errors.", ["error_class"])
+STRIPE_429 = Counter(
+    "bridge_stripe_429_total",
+    "Stripe 429 answers, by Stripe-Rate-Limited-Reason (none: an object lock timeout).",
+    ["reason"],
+)
+RATE_BUDGET_REFUSED = Counter(
+    "bridge_rate_budget_refused_total",
+    "Stripe requests not sent: the rate budget had no slot before the attempt's time ran out.",
+)
 CONFIG_RELOADS = Counter("bridge_config_reloads_total", "config.yaml reloads.", ["result"])
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import stripe
 
 from bridge.errors import ConfigError
+from bridge.pacing import default_rate
 from bridge.transport import is_loopback_url, proxy_problems
 
 # Invoices finalize 1 hour after the period ends unless the account sets up to 72 hours; until then
@@ -37,6 +38,8 @@ class Settings:
     )
     time_budget: float = 12.0
     invoice_grace: int = DEFAULT_INVOICE_GRACE_SECONDS
+    stripe_max_rate: float = 20.0  # requests/s for every worker and replica together
+    workers: int = 2  # gunicorn's WEB_CONCURRENCY: the share of each without a shared budget
 
 
 def settings_from_env(
@@ -80,6 +83,12 @@ def settings_from_env(
             "INVOICE_GRACE_SECONDS must be 0-259200: your Stripe account's invoice finalization "
             "grace period (Stripe's default is 3600)"
         )
+    rate = environ.get("STRIPE_MAX_RATE", "").strip() or str(default_rate(api_key))
+    if not (re.fullmatch(r"\d{1,5}(\.\d+)?", rate) and float(rate) >= 0.1):
+        problems.append(
+            "STRIPE_MAX_RATE must be the Stripe requests per second this bridge may use (0.1 or "
+            "more; Stripe allows an account 100/s live and 25/s in a sandbox, for everything)"
+        )
     state_path = environ.get("STATE_PATH", "state/bridge.sqlite3").strip()
     database_url = environ.get("DATABASE_URL", "").strip() or None
     if database_url and not re.fullmatch(r"postgres(ql)?://\S*", database_url):
@@ -89,6 +98,7 @@ def settings_from_env(
             "STATE_PATH is empty: give the ledger's SQLite file (on a persistent volume), or "
             "DATABASE_URL for a PostgreSQL ledger; the bridge cannot run without a ledger"
         )
+    workers = environ.get("WEB_CONCURRENCY", "2").strip()
     proxies = environ.get("TRUSTED_PROXIES", "0").strip()
     if not re.fullmatch(r"[0-9]", proxies):
         problems.append("TRUSTED_PROXIES must be the number of proxies in front (0-9)")
@@ -112,6 +122,8 @@ def settings_from_env(
         database_url=database_url,
         time_budget=float(budget),
         invoice_grace=int(grace),
+        stripe_max_rate=float(rate),
+        workers=int(workers) if workers.isdigit() and int(workers) > 0 else 2,
     )
 
 

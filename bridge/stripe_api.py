@@ -11,6 +11,7 @@ import stripe
 from bridge.budget import time_left
 from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
 from bridge.logs import STRIPE_ERRORS, STRIPE_SECONDS
+from bridge.pacing import make_pacer
 from bridge.settings import Settings
 from bridge.stripe_health import KeyHealth
 from bridge.transport import BudgetHTTPClient, egress_proxy
@@ -37,7 +38,7 @@ def make_stripe_client(settings: Settings, health: KeyHealth | None = None) -> s
         base_addresses={"api": api_base},
         max_network_retries=0,
         # Every call the bridge makes goes to the API base: the proxy settings_from_env checked.
-        http_client=BudgetHTTPClient(egress_proxy(api_base), health),
+        http_client=BudgetHTTPClient(egress_proxy(api_base), make_pacer(settings), health),
     )
 
 
@@ -63,7 +64,8 @@ def call_stripe(operation: str, send: Callable[[], T]) -> T:
 
 
 def _retryable(error: stripe.StripeError) -> bool:
-    """Stripe's retry rule: connection errors, 409 and 5xx, unless Stripe-Should-Retry says else."""
+    """Stripe's retry rule: connection errors, 409 and 5xx, unless Stripe-Should-Retry says else;
+    and a 429 for a rate limit, whose retry waits for the rate budget's next free slot."""
     # Restated: stripe's own copy is HTTPClient._should_retry, private and tied to its retry loop.
     if isinstance(error, stripe.APIConnectionError):
         return bool(error.should_retry)
@@ -71,7 +73,11 @@ def _retryable(error: stripe.StripeError) -> bool:
     if "stripe-should-retry" in headers:
         return headers["stripe-should-retry"] == "true"
     status = error.http_status or 0
-    return status == 409 or status >= 500
+    # A rate-limited request never reached the endpoint, so nothing is saved under its
+    # idempotency key ("Results are only saved if an API endpoint started executing",
+    # docs.stripe.com/api/idempotent_requests): the retry runs afresh.
+    rate_limited = status == 429 and "stripe-rate-limited-reason" in headers
+    return rate_limited or status == 409 or status >= 500
 
 
 def classify(error: stripe.StripeError, **details: Any) -> BridgeError:

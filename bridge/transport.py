@@ -16,7 +16,8 @@ import stripe
 import urllib3
 
 from bridge.budget import time_left
-from bridge.logs import log_event
+from bridge.logs import STRIPE_429, log_event
+from bridge.pacing import Pacer
 from bridge.stripe_health import KeyHealth
 
 STRIPE_READ_TIMEOUT = 8.0
@@ -28,8 +29,11 @@ class BudgetHTTPClient(stripe.HTTPClient):
 
     name = "urllib3"
 
-    def __init__(self, proxy: str | None = None, health: KeyHealth | None = None) -> None:
+    def __init__(
+        self, proxy: str | None = None, pacer: Pacer | None = None, health: KeyHealth | None = None
+    ) -> None:
         super().__init__()
+        self._pacer = pacer
         self.health = health or KeyHealth()
         self._proxy_address = _without_credentials(proxy)
         # Idle connections kept per host: more than gunicorn's 16 threads a worker, so that none
@@ -56,7 +60,10 @@ class BudgetHTTPClient(stripe.HTTPClient):
         *,
         _usage: list[str] | None = None,
     ) -> tuple[bytes, int, Mapping[str, str]]:
-        """One HTTP exchange; a network failure is stripe's retryable APIConnectionError."""
+        """One HTTP exchange, in its turn of the rate budget; a network failure is stripe's
+        retryable APIConnectionError."""
+        if self._pacer is not None:
+            self._pacer.wait_turn(time_left())
         timeout = urllib3.Timeout(total=min(STRIPE_READ_TIMEOUT, max(time_left(), 0.05)))
         try:
             # urlopen, not request: stripe's body is encoded already, and a plain dict of
@@ -78,6 +85,8 @@ class BudgetHTTPClient(stripe.HTTPClient):
             message = f"Stripe unreachable at {_origin(url)}: {type(error).__name__}: {error}"
             raise stripe.APIConnectionError(message, should_retry=retry) from error  # type: ignore[no-untyped-call]
         limited = response.headers.get("Stripe-Rate-Limited-Reason")
+        if response.status == 429:
+            self._rate_limited(limited)
         self._judge(method, url, response.status, response.data, limited)
         # The headers stay case-insensitive: stripe looks Request-Id up in any case.
         return response.data, response.status, response.headers
@@ -124,6 +133,16 @@ class BudgetHTTPClient(stripe.HTTPClient):
     def _scrub(self, text: str) -> str:
         """text without the egress proxy's password, should an error quote the proxy's URL."""
         return text if self._secret is None else text.replace(self._secret, "***")
+
+    def _rate_limited(self, reason: str | None) -> None:
+        """Counts a 429; one for a rate limit slows the budget for every worker."""
+        # Stripe names the limiter that refused in Stripe-Rate-Limited-Reason (global-rate,
+        # endpoint-rate, global-concurrency, endpoint-concurrency, resource-specific;
+        # docs.stripe.com/rate-limits, "Handling limiting gracefully"). A 429 without it is an
+        # object's lock timeout (code lock_timeout), which says nothing of the account's rate.
+        STRIPE_429.labels(reason or "none").inc()
+        if reason and self._pacer is not None:
+            self._pacer.slow_down()
 
     def request_stream(self, *args: Any, **kwargs: Any) -> Any:
         """Streams are for file downloads, which the bridge never makes."""

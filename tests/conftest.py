@@ -109,6 +109,9 @@ def environment(stripe_fake: FakeStripe, config_path: Path, tmp_path: Path) -> d
         "CONFIG_PATH": str(config_path),
         "STRIPE_API_BASE": stripe_fake.url,
         "STATE_PATH": str(tmp_path / "state" / "bridge.sqlite3"),
+        # The fake has no rate limit unless a test sets one (tests/test_pacing.py): the budget
+        # stays out of the way of the other tests' timing.
+        "STRIPE_MAX_RATE": "1000",
     }
 
 

@@ -160,8 +160,9 @@ def test_no_raw_meter_warning_for_usage_records(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     body = report([10, 20, 30])
-    # With this seed only the third write is rate limited: msg_A writes two windows, then 503.
-    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=0)
+    # With this seed the third write is rate limited in all three of its tries (a rate limit is
+    # retried twice): msg_A writes two windows, then 503.
+    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=6)
     first = deliver(client, body, "msg_A")
     assert first.status_code == 503 and first.json is not None and first.json["written"] == 2
     stripe_fake.clear_faults()

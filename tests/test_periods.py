@@ -397,8 +397,9 @@ def test_a_remap_between_attempts_names_the_windows_written_to_the_old_place(
 ) -> None:
     event = report([10, 20, 30])
     before = connect({"customer-1": billing.customer1})
-    # With this seed only the third write is rate limited: the first attempt writes two windows.
-    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=0)
+    # With this seed the third write is rate limited in all three of its tries (a rate limit is
+    # retried twice): the first attempt writes two windows.
+    stripe_fake.inject("429_rate", path="/usage_records", probability=0.5, seed=6)
     first = deliver(before, event, "msg_remap")
     assert first.status_code == 503 and answer(first)["written"] == 2
     stripe_fake.clear_faults()

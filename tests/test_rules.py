@@ -291,15 +291,18 @@ def test_retryable_failure_is_retried_within_the_delivery(
     assert stripe_fake.usage_total(billing.api) == 5
 
 
-def test_rate_limit_without_should_retry_is_not_retried_but_503(
+def test_rate_limit_is_retried_after_the_budgets_pause_three_tries_at_most(
     client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
 ) -> None:
-    stripe_fake.inject("429_rate", path="/usage_records", count=1)
+    # A 429 with Stripe-Rate-Limited-Reason was never executed: its retry runs afresh.
+    stripe_fake.inject("429_rate", path="/usage_records", count=3)
     response = deliver(client, report([5]), "msg_rate")
     assert response.status_code == 503, response.json
     assert answer(response)["error"] == "stripe_unavailable"
-    assert statuses(stripe_fake) == [429]
+    assert statuses(stripe_fake) == [429, 429, 429]
+    stripe_fake.inject("429_rate", path="/usage_records", count=1)
     assert deliver(client, report([5]), "msg_rate").status_code == 200  # Svix's next attempt
+    assert statuses(stripe_fake)[3:] == [429, 200]
 
 
 def test_500_is_tried_three_times_at_most(
@@ -518,7 +521,7 @@ def test_refused_write_refetches_the_subscription_and_a_transient_failure_does_n
 ) -> None:
     assert deliver(client, report([1], first=hours_ago(8)), "msg_1").status_code == 200
     assert subscription_reads(stripe_fake) == 1
-    stripe_fake.inject("429_rate", path="/usage_records", count=1)
+    stripe_fake.inject("429_rate", path="/usage_records", count=None)  # every try
     assert deliver(client, report([1], first=hours_ago(7)), "msg_2").status_code == 503
     stripe_fake.clear_faults()
     assert deliver(client, report([1], first=hours_ago(6)), "msg_3").status_code == 200

@@ -52,9 +52,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"JSON object with the lists {', '.join(FIXTURE_KEYS)} (docs/development.md)",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to answers")
+    parser.add_argument(
+        "--rate-limit", type=float, metavar="R", help="429 (global-rate) beyond R requests/s"
+    )
     args = parser.parse_args(argv)
     fake = FakeStripe(args.api_key)
     fake.latency = args.latency
+    fake.limit_rate(args.rate_limit)
     if args.fixtures:
         try:
             fake.add_fixtures(read_fixtures(args.fixtures))

@@ -71,6 +71,11 @@ class Api(Handlers, Faults):
         version = headers.get("stripe-version", self.default_version)
         if not _VERSION.match(version):
             raise _bad_param(f"Invalid Stripe API version: {version}", "Stripe-Version")
+        if self._over_rate_limit():  # before the endpoint: nothing saved under a key
+            self._pause()
+            outcome = _fault_outcome("429_rate")
+            outcome.fault = "rate_limit"
+            return outcome
         fault = self._take_fault(method, path)
         key = headers.get("idempotency-key") if method == "POST" else None
         if fault is not None and fault.kind in _REFUSING_FAULTS:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
+from dataclasses import dataclass, field
 
 from tests.fake_stripe.rules import (
     LOCK_TIMEOUT_MESSAGE,
@@ -15,12 +17,57 @@ from tests.fake_stripe.rules import (
 from tests.fake_stripe.state import State, _Fault
 
 FAULT_KINDS = ("500", "429_lock", "429_rate", "drop", "lost_response", "late_response")
+# Stripe names the limiter that refused a request in this header (docs.stripe.com/rate-limits,
+# "Handling limiting gracefully"): global-rate is the account's basic limit (100/s live, 25/s in
+# a sandbox); a 429 without it is an object's lock timeout.
+RATE_LIMITED_REASON = "Stripe-Rate-Limited-Reason"
+
+
+@dataclass
+class RateLimit:
+    """Stripe's basic rate limiter as a token bucket: `rate` requests a second for the account,
+    up to `burst` at once (Stripe documents no burst: by default one second's worth)."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    at: float = 0.0
+    refused: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.tokens, self.at = self.burst, time.monotonic()
+
+    def admit(self) -> bool:
+        """Takes a token if there is one; counts a refusal otherwise."""
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return True
+            self.refused += 1
+            return False
+
+
 # These write nothing; of them only a 500 is saved under its idempotency key (as Stripe does).
 _REFUSING_FAULTS = ("500", "429_lock", "429_rate", "drop")
 
 
 class Faults(State):
-    """Injected faults, and the latency added to every answer."""
+    """Injected faults, the account's rate limit, and the latency added to every answer."""
+
+    rate_limit: RateLimit | None = None  # none unless limit_rate() sets one
+
+    def limit_rate(self, rate: float | None, burst: float | None = None) -> None:
+        """Answers 429 (global-rate) to requests beyond `rate` a second (None: no limit)."""
+        self.rate_limit = None if rate is None else RateLimit(rate, burst or max(rate, 1.0))
+
+    def _over_rate_limit(self) -> bool:
+        """Whether the account's rate limit refuses this request."""
+        limit = self.rate_limit
+        return limit is not None and not limit.admit()
 
     def inject(
         self,
@@ -82,7 +129,8 @@ def _fault_outcome(kind: str) -> _Outcome:
         retry = {"Stripe-Should-Retry": "true"}
         error = StripeError(429, LOCK_TIMEOUT_MESSAGE, code="lock_timeout", headers=retry)
     else:
-        error = StripeError(429, RATE_LIMIT_MESSAGE, code="rate_limit")
+        reason = {RATE_LIMITED_REASON: "global-rate"}
+        error = StripeError(429, RATE_LIMIT_MESSAGE, code="rate_limit", headers=reason)
     outcome = _Outcome.of(error)
     outcome.fault, outcome.saved = kind, kind == "500"
     return outcome

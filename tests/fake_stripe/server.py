@@ -65,6 +65,11 @@ class FakeStripe(Api, Fixtures):
                         self.inject(**fault)
             elif (method, path) == ("POST", "/_fake/latency"):
                 self.latency = float(request["seconds"])
+            elif (method, path) == ("POST", "/_fake/rate_limit"):
+                self.limit_rate(request.get("rate"), request.get("burst"))
+            elif (method, path) == ("GET", "/_fake/rate_limit"):
+                limit = self.rate_limit
+                return 200, {"refused": limit.refused if limit else 0}
             else:
                 return 404, {"error": f"no control endpoint {method} {path}"}
         except (ValueError, TypeError, KeyError) as error:
