@@ -94,7 +94,7 @@ def test_a_rejected_key_is_named_and_keeps_readyz_503_until_a_call_succeeds(
 @pytest.mark.parametrize(
     ("kind", "reason"),
     [
-        ("429_rate", "rate limited (429, rate_limit)"),
+        ("429_rate", "rate limited (429, global-rate)"),  # Stripe-Rate-Limited-Reason
         ("429_lock", "another request holds the object (429, lock_timeout)"),
         ("500", "Stripe server error (500)"),
     ],
