@@ -22,12 +22,14 @@ import psycopg
 import psycopg_pool
 
 from bridge.budget import time_left
-from bridge.errors import LedgerUnavailable, StripeUnavailable
-from bridge.ledger_sql import Run, SqlLedger
+from bridge.errors import LedgerUnavailable
+from bridge.ledger_sql import Run, SqlLedger, busy
 from bridge.logs import log_event
 
 SCHEMA_LOCK = 0x6272696467650001  # the advisory lock key under which the schema is made
 CONNECT_SECONDS = 5.0  # how long a request waits for a pooled connection (or a new one)
+MIN_WAIT_SECONDS = 1.0  # the shortest wait for a pooled connection, the budget spent or not
+POOL_SIZE = 34  # 16 threads a worker, each holding at most one section and one query at a time
 
 
 class PostgresLedger(SqlLedger):
@@ -61,9 +63,8 @@ class PostgresLedger(SqlLedger):
         """This process's pool, opened after gunicorn forks (a pool does not survive a fork)."""
         with self._guard:
             if self._pool is None or self._pid != os.getpid():
-                # 16 threads a worker, each holding at most one section and one query at a time.
                 self._pool = psycopg_pool.ConnectionPool(
-                    self._url, min_size=1, max_size=34, open=True, timeout=CONNECT_SECONDS,
+                    self._url, min_size=1, max_size=POOL_SIZE, open=True, timeout=CONNECT_SECONDS,
                     kwargs={"autocommit": True, "connect_timeout": int(CONNECT_SECONDS)},
                 )  # fmt: skip  # a connection the server dropped fails once (503), then is replaced
                 self._pid = os.getpid()
@@ -71,9 +72,12 @@ class PostgresLedger(SqlLedger):
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; a database that cannot be reached is a 503."""
+        """A pooled connection, waited for no longer than what is left of the webhook's budget
+        (at least a second, as SQLite's busy wait: a record after the budget ran out still gets
+        one); a database that cannot be reached is a 503."""
+        wait = min(max(time_left(), MIN_WAIT_SECONDS), CONNECT_SECONDS)
         try:
-            with self._connections().connection() as connection:
+            with self._connections().connection(timeout=wait) as connection:
                 yield connection
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
             raise unavailable(error) from error
@@ -104,8 +108,8 @@ class PostgresLedger(SqlLedger):
         """Holds a session advisory lock on a connection kept for the section."""
         self._ensure_schema()
         key = int.from_bytes(hashlib.sha256(lock_key.encode()).digest()[:8], "big", signed=True)
-        wait_ms = max(int(min(time_left(), 60.0) * 1000), 1)
         with self._connection() as connection:
+            wait_ms = max(int(min(time_left(), 60.0) * 1000), 1)  # what the pool's wait left
             try:
                 # lock_timeout bounds the wait for an advisory lock too (a "lock" wait). Both
                 # numbers are ints made here: one round trip (the simple query protocol).
@@ -113,10 +117,7 @@ class PostgresLedger(SqlLedger):
                     f"SET lock_timeout = {wait_ms}; SELECT pg_advisory_lock({key})".encode()
                 )
             except psycopg.errors.LockNotAvailable as error:
-                raise StripeUnavailable(
-                    f"another webhook kept {lock_key} busy until the time budget ran out",
-                    "Svix will retry.",
-                ) from error
+                raise busy(lock_key) from error
             try:
                 yield
             finally:

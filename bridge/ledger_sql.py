@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, Protocol
 
+from bridge.errors import StripeUnavailable
 from bridge.ledger import Elsewhere, Message, Pending, Seen
 from bridge.planning import Write
 from bridge.targets import Claim
@@ -61,6 +62,13 @@ def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
 def marks(count: int) -> str:
     """count placeholders, for an IN list."""
     return ", ".join("?" * count)
+
+
+def busy(lock_key: str) -> StripeUnavailable:
+    """The 503 for a section another webhook held until the time budget ran out."""
+    return StripeUnavailable(
+        f"another webhook kept {lock_key} busy until the time budget ran out", "Svix will retry."
+    )
 
 
 class SqlLedger:

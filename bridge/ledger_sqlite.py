@@ -19,8 +19,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from bridge.budget import time_left
-from bridge.errors import LedgerUnavailable, StripeUnavailable
-from bridge.ledger_sql import Run, SqlLedger
+from bridge.errors import LedgerUnavailable
+from bridge.ledger_sql import Run, SqlLedger, busy
 
 LOCK_BYTES = 1 << 31  # lock keys hash onto this many bytes: a collision only serializes two keys
 
@@ -87,13 +87,6 @@ def _try_lock(fd: int, byte: int) -> bool:
         return False
 
 
-def busy(key: str) -> StripeUnavailable:
-    """The 503 for a section another webhook held until the time budget ran out."""
-    return StripeUnavailable(
-        f"another webhook kept {key} busy until the time budget ran out", "Svix will retry."
-    )
-
-
 class SqliteLedger(SqlLedger):
     """The ledger in one SQLite file (WAL mode), for the workers of one host."""
 
@@ -144,8 +137,8 @@ class SqliteLedger(SqlLedger):
         a ledger that cannot be opened or written is a 503."""
         try:
             db = self._db()
-            busy = min(max(time_left(), self.MIN_BUSY_SECONDS), self.MAX_BUSY_SECONDS)
-            db.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
+            wait = min(max(time_left(), self.MIN_BUSY_SECONDS), self.MAX_BUSY_SECONDS)
+            db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except (sqlite3.Error, OSError) as error:
             self._local.connection = None

@@ -26,7 +26,8 @@ MAX_WINDOW = timedelta(days=32)  # OpenMeter's largest window is a month (31 day
 
 @dataclass(frozen=True)
 class Window:
-    """One usage window [start, end) and the summed value of its rows (one per group).
+    """One usage window [start, end) and the summed value of its rows (one per group); for a
+    MAX meter, the largest row (window_value).
 
     The sum is what is billed and what is judged negative: a credit row (-3) beside a usage row
     (500) is a window of 497, not a negative one.
@@ -101,7 +102,7 @@ def event_type(event: Any) -> str:
 
 
 def parse_report(event: dict[str, Any], now: datetime) -> Report:
-    """Validates a report.meter event and sums its rows per window."""
+    """Validates a report.meter event and adds up its rows per window (window_value)."""
     meter = _object(event, "meter").get("slug")
     if not isinstance(meter, str) or not meter:
         raise BadRequest("meter.slug must be a non-empty string")
@@ -128,7 +129,7 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         if start > now:
             raise BadRequest(f"usage[{index}]: window starts in the future ({row['windowStart']})")
         value = parse_value(row.get("value"), f"usage[{index}].value")
-        sums[start, end] = DECIMAL.add(sums.get((start, end), Decimal(0)), value)
+        sums[start, end] = window_value(aggregation, sums.get((start, end)), value)
     if not subjects and isinstance(query_subject, str) and query_subject:
         subjects.add(query_subject)
     if len(subjects) != 1:
@@ -146,6 +147,17 @@ def parse_report(event: dict[str, Any], now: datetime) -> Report:
         query_from=_optional_time(query.get("from"), "query.from"),
         query_to=_optional_time(query.get("to"), "query.to"),
     )
+
+
+def window_value(aggregation: Any, so_far: Decimal | None, row: Decimal) -> Decimal:
+    """A window's value with one more of its group rows: the meter's aggregation over the whole
+    window. A MAX meter's is the peak of every group (summed, two groups' peaks would bill a peak
+    nobody reached); SUM's and COUNT's is their sum."""
+    if so_far is None:
+        return row
+    if isinstance(aggregation, str) and aggregation.upper() == "MAX":
+        return max(so_far, row)
+    return DECIMAL.add(so_far, row)
 
 
 def _optional_time(raw: Any, path: str) -> datetime | None:

@@ -143,12 +143,6 @@ class Cache(Generic[V]):
                 self._entries.popitem(last=False)
         return value
 
-    def peek(self, key: str) -> V | None:
-        """The cached object if fresh, without fetching it."""
-        with self._lock:
-            fetched_at, value = self._entries.get(key, (-math.inf, None))
-            return value if self._clock() - fetched_at < self._ttl else None
-
     def forget(self, key: str) -> None:
         """Drops an object that Stripe says has changed."""
         with self._lock:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from bridge.budget import time_budget
-from bridge.errors import StripeUnavailable
+from bridge.errors import LedgerUnavailable, StripeUnavailable
 from bridge.ledger import Ledger, Message
-from bridge.ledger_postgres import PostgresLedger
+from bridge.ledger_postgres import CONNECT_SECONDS, POOL_SIZE, PostgresLedger
 from bridge.ledger_sqlite import SqliteLedger
 from bridge.planning import Write
 from bridge.quantities import Quantity
@@ -123,7 +124,7 @@ def test_the_first_claim_holds_until_it_is_mapped_away(ledger: Ledger) -> None:
 HOLDER = """
 import sys, time
 from bridge.ledger_sqlite import SqliteLedger
-from bridge.ledger_postgres import PostgresLedger
+from bridge.ledger_postgres import CONNECT_SECONDS, POOL_SIZE, PostgresLedger
 kind, where = sys.argv[1], sys.argv[2]
 ledger = SqliteLedger(where) if kind == "sqlite" else PostgresLedger(where)
 with ledger.section("cus_1/mtr_1"):
@@ -149,3 +150,18 @@ def test_the_critical_section_holds_across_processes_and_dies_with_its_holder(
         holder.wait(timeout=30)
     with time_budget(10), ledger.section("cus_1/mtr_1"):
         pass  # the kernel (or the server) let go of the dead holder's lock
+
+
+def test_a_wait_for_a_pooled_connection_ends_with_the_time_budget(postgres_url: str) -> None:
+    ledger = PostgresLedger(postgres_url)
+    try:
+        with ExitStack() as sections:
+            for n in range(POOL_SIZE):  # every connection of the pool held by a section
+                sections.enter_context(ledger.section(f"cus_{n}/mtr_1"))
+            started = time.monotonic()
+            with time_budget(0.1), pytest.raises(LedgerUnavailable):
+                ledger.begin("msg_waits", None)
+            # Not the pool's own CONNECT_SECONDS: the webhook's answer must reach Svix in time.
+            assert time.monotonic() - started < CONNECT_SECONDS
+    finally:
+        ledger.close()

@@ -473,6 +473,20 @@ def test_matching_aggregation_is_written(
     assert stripe_fake.usage_total(stripe_fake.item_id(billing.customer1, price)) == 4
 
 
+def test_a_max_window_is_the_largest_of_its_group_rows_not_their_sum(
+    client: FlaskClient, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    first = hours_ago(3)
+    event = report([10], meter="peak_users", first=first)
+    event["meter"]["aggregation"] = "MAX"
+    row = dict(event["usage"][0], value=8, groupBy={"region": "eu"})  # the window, another group
+    event["usage"].append(row)
+    response = deliver(client, event)
+    assert response.status_code == 200, response.json
+    # The meter's MAX over the window is the peak of every group: 10, not 10 + 8.
+    assert stripe_fake.usage_total(stripe_fake.item_id(billing.customer1, "price_1Max")) == 10
+
+
 @pytest.mark.parametrize(
     ("meter", "aggregation", "stripe_side"),
     [
