@@ -1,11 +1,17 @@
 # The bridge as a container: gunicorn serving app.py and its bridge/ package, configured by the environment and config.yaml.
-# Run it with a read-only root filesystem and the ledger on a volume:
-#   docker run --read-only --tmpfs /tmp -v bridge-state:/var/lib/bridge -e STRIPE_API_KEY ... IMAGE
+# It holds no config.yaml: mount the folder that holds yours at /config (a folder, never the file
+# alone: see docs/operations.md#the-container for `docker run` and why). Without it, it refuses to
+# start, naming CONFIG_PATH.
+
+# The base image, by tag (for people) and by digest (what is pulled): the digest of the tag's
+# multi-architecture index. To update it: pick the new tag, then
+#   docker buildx imagetools inspect python:3.11.X-slim-bookworm   (the "Digest:" line)
+# and replace both FROM lines, tag and digest together (docs/development.md#supply-chain).
 
 # Build stage: the pinned dependencies, every file checked against its sha256 in requirements.txt,
 # into a venv. Wheels only: nothing is compiled, and no sdist's build backend (whose own
 # dependencies pip would not hash-check) runs. Only the venv, without pip, reaches the image.
-FROM python:3.11.14-slim-bookworm AS build
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements.txt /build/requirements.txt
@@ -15,12 +21,13 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # The image: the base Python (no compiler on slim), minus its installer and build backends.
-FROM python:3.11.14-slim-bookworm
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     PORT=8080 \
+    CONFIG_PATH=/config/config.yaml \
     STATE_PATH=/var/lib/bridge/bridge.sqlite3
 
 # No pip, setuptools or wheel; the service's user; the ledger's folder, owned by that user (a named
@@ -33,7 +40,7 @@ RUN /usr/local/bin/python -m pip uninstall --yes pip setuptools wheel \
 COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
-COPY app.py gunicorn.conf.py config.yaml ./
+COPY app.py gunicorn.conf.py ./
 COPY bridge/ ./bridge/
 USER 10001:10001
 VOLUME ["/var/lib/bridge"]

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit sandbox proxy postgres hashes demo check-config replay send bench bench-fanout profile chaos clean
+.PHONY: run try test lint unit sandbox proxy postgres hashes demo check-config replay send bench bench-fanout profile chaos clean
 
 # The runtime environment (what the Dockerfile installs), and the dev tools on top of it. Every
 # file pip may take is pinned by its sha256 (`make hashes` writes them); pip refuses anything else.
@@ -19,6 +19,10 @@ $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
 ## run: start the service the way the container does (needs STRIPE_API_KEY, OPENMETER_WEBHOOK_SECRET)
 run: $(BIN)/.runtime
 	PATH="$(CURDIR)/$(BIN):$$PATH" exec gunicorn --config gunicorn.conf.py
+
+## try: the fake Stripe (port 12111) and the service (port 8080) together, to try by hand; Ctrl-C stops both
+try: $(BIN)/.dev
+	$(BIN)/python -m tools.try_it
 
 ## test: lint, then the whole test suite
 test: lint unit

@@ -110,10 +110,15 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:
-        """Readiness: a valid config is loaded and the environment is complete."""
+        """Readiness: a valid config is loaded, the environment is complete, and Stripe has not
+        rejected the API key since its last successful call."""
         if bridge is None:
             return jsonify(status="not_ready", problems=problems), 503
         bridge.config.current()
+        if problem := bridge.key_health.problem():  # until a Stripe call succeeds again
+            return jsonify(
+                status="not_ready", problems=[problem], config=bridge.config.status()
+            ), 503
         return jsonify(status="ready", config=bridge.config.status()), 200
 
     @app.get("/metrics")

@@ -7,6 +7,8 @@ import tempfile
 
 from gunicorn.glogging import Logger
 
+from bridge.stopping import hold_stop_signals, ignore_late_stop_signals, stop_gracefully
+
 
 def scratch_dir() -> str | None:
     """Where gunicorn's scratch files go: TMPDIR if set, else /dev/shm (memory, and writable in a
@@ -38,9 +40,21 @@ atexit.register(_remove_metrics_dir, os.getpid(), _metrics_dir)
 wsgi_app = "app:serve()"
 
 
+def post_fork(server: object, worker: object) -> None:
+    """A stop signal that comes while the worker boots waits for it (bridge/stopping.py)."""
+    hold_stop_signals(server)
+
+
+def worker_exit(server: object, worker: object) -> None:
+    """A stop signal that comes as the worker exits is ignored (bridge/stopping.py)."""
+    ignore_late_stop_signals()
+
+
 def post_worker_init(worker: object) -> None:
-    """Each worker checks config.yaml every second, requests or not (threads do not survive the
-    fork, so the master cannot start this for them). worker.wsgi is serve()'s Flask app."""
+    """Each worker stops gracefully on any stop signal (bridge/stopping.py), and checks
+    config.yaml every second, requests or not (threads do not survive the fork, so the master
+    cannot start this for them). worker.wsgi is serve()'s Flask app."""
+    stop_gracefully(worker)
     # bench/floor.py's do-nothing app, served with this file too, has no config to watch.
     bridge = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("bridge")
     if bridge is not None:

@@ -11,6 +11,7 @@ report          OpenMeter's report.meter event: strict JSON, windows, completene
 budget          the webhook's time budget, which bounds every Stripe call
 pacing          the Stripe rate budget (STRIPE_MAX_RATE), shared by workers and replicas
 transport       stripe's HTTP transport (connections, proxies, per-request timeouts)
+stripe_health   whether Stripe rejects the API key (for /readyz), shared by the workers
 stripe_api      the one Stripe client, its retries, what a Stripe error answers
 stripe_objects  subscriptions, prices and meters as read from Stripe, and their cache
 targets         which Stripe object bills a report (Target, resolve_target)
@@ -27,4 +28,5 @@ service         Bridge (all a webhook needs), make_bridge, process_event
 online_check    check-config --online: Stripe's view of every mapping
 sizing          check-config's sizing for Svix's fan-out: waves, the throttle to set
 cli             the flask commands: check-config, replay
+stopping        how a gunicorn worker stops: gracefully, on any stop signal, even while booting
 """

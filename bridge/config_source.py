@@ -32,7 +32,16 @@ class ConfigSource:
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._clock = clock
-        raw = read_file(path)
+        try:
+            raw = read_file(path)
+        except ConfigError as error:
+            raise ConfigError(
+                [
+                    f"CONFIG_PATH: {problem} (give CONFIG_PATH a readable config.yaml; in a "
+                    "container, mount the folder that holds it: docs/operations.md#the-container)"
+                    for problem in error.problems
+                ]
+            ) from error
         self.config, self.checksum = parse_config_file(raw, path), config_checksum(raw)
         self.loaded_at = datetime.now(UTC)
         self.error: str | None = None

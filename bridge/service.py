@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from bridge.quantities import check_negative
 from bridge.report import Report, decode_json, event_type, parse_report
 from bridge.settings import Settings, config_path, settings_from_env
 from bridge.stripe_api import make_stripe_client
+from bridge.stripe_health import KeyHealth
 from bridge.stripe_objects import StripeCaches
 from bridge.targets import Target, claim_for, claim_refusal, clash, resolve_target, still_mapped
 from bridge.writing import Sent, write_facts, write_report
@@ -40,6 +41,7 @@ class Bridge:
     caches: StripeCaches
     ledger: Ledger
     verifiers: tuple[Webhook, ...]
+    key_health: KeyHealth = field(default_factory=KeyHealth)  # what Stripe says of the key
     # The wall clock a report's windows are judged by (in the future? begun? past their period's
     # grace?): injectable so that a test can stand it at a chosen moment.
     clock: Callable[[], float] = time.time
@@ -65,10 +67,11 @@ def make_bridge(
         problems += error.problems
     if problems:
         raise ConfigError(problems)
-    client = make_stripe_client(settings)
+    health = KeyHealth.for_this_start()
+    client = make_stripe_client(settings, health)
     verifiers = tuple(Webhook(secret) for secret in settings.webhook_secrets)
     ledger = open_ledger(settings.state_path, settings.database_url)
-    return Bridge(settings, config, client, StripeCaches(), ledger, verifiers)
+    return Bridge(settings, config, client, StripeCaches(), ledger, verifiers, health)
 
 
 def open_ledger(state_path: str, database_url: str | None) -> Ledger:

@@ -13,6 +13,7 @@ from bridge.errors import BridgeError, StripeRefused, StripeUnavailable
 from bridge.logs import STRIPE_ERRORS, STRIPE_SECONDS
 from bridge.pacing import make_pacer
 from bridge.settings import Settings
+from bridge.stripe_health import KeyHealth
 from bridge.transport import BudgetHTTPClient, egress_proxy
 
 # Stripe removed usage records in 2025-03-31.basil; this is the last API version that has them.
@@ -28,15 +29,16 @@ stripe.enable_telemetry = False
 T = TypeVar("T")
 
 
-def make_stripe_client(settings: Settings) -> stripe.StripeClient:
-    """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries)."""
+def make_stripe_client(settings: Settings, health: KeyHealth | None = None) -> stripe.StripeClient:
+    """The one Stripe client: bounded timeouts, and no hidden retries (call_stripe retries);
+    health records whether Stripe takes the key (for /readyz)."""
     api_base = settings.stripe_api_base or stripe.DEFAULT_API_BASE
     return stripe.StripeClient(
         settings.stripe_api_key,
         base_addresses={"api": api_base},
         max_network_retries=0,
         # Every call the bridge makes goes to the API base: the proxy settings_from_env checked.
-        http_client=BudgetHTTPClient(egress_proxy(api_base), make_pacer(settings)),
+        http_client=BudgetHTTPClient(egress_proxy(api_base), make_pacer(settings), health),
     )
 
 

@@ -169,6 +169,29 @@ def test_a_proxy_the_transport_cannot_use_is_refused_at_start(
 
 
 @pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("not a url", "the value set is not a URL (e.g. http://proxy.internal:3128)"),
+        ("http://u:pk_test_abc@proxy:99999", "the value set is not a URL"),
+        ("http://u:pk_test_abc@:3128", "the value set has no host, or a port outside 1-65535"),
+        ("socks5://u:pk_test_abc@proxy:1080", "socks and https proxies are not supported"),
+    ],
+)
+def test_a_malformed_proxy_url_is_told_apart_from_an_unsupported_kind(
+    value: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", value)
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(GOOD_ENV)
+    (message,) = caught.value.problems
+    assert message.startswith("HTTPS_PROXY (or https_proxy, all_proxy) must be http://")
+    assert why in message and "pk_test_abc" not in message
+    if not value.startswith("socks"):
+        assert "socks" not in message
+
+
+@pytest.mark.parametrize(
     "proxies",
     [
         {"HTTPS_PROXY": "http://u:p%40ss@proxy.corp:3128"},

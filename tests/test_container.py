@@ -10,6 +10,7 @@ machine's Python and Debian instead of the base image's. Without user namespaces
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,6 +44,7 @@ from tests.harness import (
     sign,
     wait_until,
 )
+from tests.test_operations import NEW_SUBJECT, swap_configmap
 
 REQUIREMENTS = ("requirements.txt", "requirements-dev.txt")
 HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
@@ -168,7 +172,63 @@ def test_the_image_holds_every_module_of_the_service() -> None:
         if (PROJECT / name).is_dir() or (PROJECT / f"{name}.py").is_file()
     }
     assert imported == {"bridge"}
-    assert {"app.py", "gunicorn.conf.py", "config.yaml", "bridge"} <= copied
+    assert {"app.py", "gunicorn.conf.py", "bridge"} <= copied
+
+
+def test_the_image_holds_no_config_and_reads_it_from_a_mounted_folder() -> None:
+    # The example config.yaml maps example IDs: an image holding it would look ready and answer
+    # every real report 422. The config comes from a folder mounted at CONFIG_PATH's folder.
+    final = dockerfile_stages()[-1]
+    copied = [source for rest in final.args("COPY") for source in rest.split()[:-1]]
+    assert not [source for source in copied if source.endswith((".yaml", ".yml"))], copied
+    config = PurePosixPath(final.env()["CONFIG_PATH"])
+    workdir = PurePosixPath(final.args("WORKDIR")[-1])
+    assert config.name == "config.yaml" and config.parent != workdir
+    assert not config.parent.is_relative_to(workdir) and str(config.parent) != "/"
+
+
+def test_the_base_image_is_pinned_by_digest_and_tag() -> None:
+    for stage in dockerfile_stages():
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+@sha256:[0-9a-f]{64}", stage.base)
+    text = (PROJECT / "Dockerfile").read_text()
+    assert "docker buildx imagetools inspect" in text  # how to update it
+
+
+def test_the_build_context_is_only_what_the_image_copies() -> None:
+    # .dockerignore's rules, read as Docker reads them (last match wins; ! re-includes).
+    rules = [
+        line.strip()
+        for line in (PROJECT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert rules[0] == "*"
+
+    def sent(path: str) -> bool:
+        included = True
+        for rule in rules:
+            pattern = rule.removeprefix("!")
+            matches = fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern + "*")
+            if pattern.startswith("bridge/**/"):
+                matches = fnmatch.fnmatch(path, "bridge/" + pattern.removeprefix("bridge/**/"))
+            if matches:
+                included = rule.startswith("!")
+        return included
+
+    copied = {
+        source.rstrip("/")
+        for stage in dockerfile_stages()
+        for rest in stage.args("COPY")
+        if not rest.startswith("--from=")
+        for source in rest.split()[:-1]
+    }
+    for source in copied:
+        assert sent(source) or sent(source + "/"), source
+    assert sent("bridge/service.py")
+    for kept_out in [
+        "state/bridge.sqlite3", "tests/harness.py", "bench/run.py", "config.yaml", ".git",
+        ".venv/bin/python", "docs/nginx.conf", "tools/send.py", ".env", "bridge/__pycache__/x.pyc",
+    ]:  # fmt: skip
+        assert not sent(kept_out), kept_out
 
 
 def test_the_image_runs_as_non_root_with_its_state_on_a_volume() -> None:
@@ -209,11 +269,18 @@ def sandbox_problem() -> str | None:
 
 
 def sandbox(
-    final: Stage, volume_on_host: Path, extra_ro: list[Path], info_fd: int, writable_tmp: bool
+    final: Stage,
+    volume_on_host: Path,
+    config: Path | None,
+    extra_ro: list[Path],
+    info_fd: int,
+    writable_tmp: bool,
 ) -> list[str]:
     """bwrap's arguments: the container's filesystem as the Dockerfile and `docker run --read-only
-    --tmpfs /tmp -v bridge-state:/var/lib/bridge` would make it (without --tmpfs /tmp unless
-    writable_tmp), then the CMD."""
+    --tmpfs /tmp -v bridge-state:/var/lib/bridge -v CONFIG:/config:ro` would make it (without
+    --tmpfs /tmp unless writable_tmp), then the CMD. config: a host folder bound read-only at
+    CONFIG_PATH's folder (as documented), or a single file bound at CONFIG_PATH (as the docs
+    warn against), or None (no config mounted)."""
     uid, _, gid = final.args("USER")[-1].partition(":")
     workdir = PurePosixPath(final.args("WORKDIR")[-1])
     (volume,) = [PurePosixPath(path) for rest in final.args("VOLUME") for path in json.loads(rest)]
@@ -244,7 +311,14 @@ def sandbox(
         assert folder == "" or sources == [f"{folder}/"], rest
         for source in sources:
             args += ["--ro-bind", str(PROJECT / source), str(workdir / source.rstrip("/"))]
-    for path in extra_ro:  # the tests' config, and this venv if it lives under /tmp
+    config_path = PurePosixPath(final.env()["CONFIG_PATH"])
+    if config is not None:
+        args += [
+            "--ro-bind",
+            str(config),
+            str(config_path if config.is_file() else config_path.parent),
+        ]
+    for path in extra_ro:  # this venv if it lives under /tmp
         args += ["--ro-bind", str(path), str(path)]
     if not writable_tmp:
         args += ["--remount-ro", "/tmp"]
@@ -288,27 +362,43 @@ def get(url: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-@pytest.mark.parametrize("writable_tmp", [True, False], ids=["tmpfs-tmp", "read-only-tmp"])
-def test_serves_with_a_read_only_root_and_its_state_on_the_volume(
-    writable_tmp: bool,
+@dataclass
+class Container:
+    """The Dockerfile's CMD running in the sandbox."""
+
+    base: str
+    process: subprocess.Popen[bytes]
+    master: int
+    log_path: Path
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Its JSON log lines so far."""
+        text = self.log_path.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@contextmanager
+def container(
     environment: dict[str, str],
-    stripe_fake: FakeStripe,
-    billing: Billing,
-    config_path: Path,
+    config: Path | None,
     tmp_path: Path,
-) -> None:
+    writable_tmp: bool = True,
+    started: bool = True,
+) -> Iterator[Container]:
+    """Runs the image's CMD in the sandbox with config mounted (see sandbox); waits until it
+    serves (or, if not started, until it exits); stops it afterwards."""
     problem = sandbox_problem()
     if problem:
         pytest.skip(problem)
     final = dockerfile_stages()[-1]
     volume_on_host = tmp_path / "bridge-state"
-    volume_on_host.mkdir()
+    volume_on_host.mkdir(exist_ok=True)
     venv = Path(sys.prefix)
-    extra = [config_path, *([venv] if venv.is_relative_to("/tmp") else [])]
+    extra = [venv] if venv.is_relative_to("/tmp") else []
     port = free_port()
     image_env = {k: v for k, v in final.env().items() if k not in {"PATH", "PORT"}}
     env = (
-        environment
+        {k: v for k, v in environment.items() if k != "CONFIG_PATH"}  # the image's own
         | image_env
         | {
             "PORT": str(port),
@@ -319,11 +409,11 @@ def test_serves_with_a_read_only_root_and_its_state_on_the_volume(
         | clock_env()
     )
     assert env["STATE_PATH"] == "/var/lib/bridge/bridge.sqlite3"
-    log_path = tmp_path / "service.log"
+    log_path = tmp_path / f"container-{port}.log"
     info_read, info_write = os.pipe()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            sandbox(final, volume_on_host, extra, info_write, writable_tmp),
+            sandbox(final, volume_on_host, config, extra, info_write, writable_tmp),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -333,10 +423,33 @@ def test_serves_with_a_read_only_root_and_its_state_on_the_volume(
     base = f"http://127.0.0.1:{port}"
     try:
         master = int(read_info(info_read)["child-pid"])
-        wait_until(lambda: healthy(base) or process.poll() is not None, timeout=30)
-        assert process.poll() is None, log_path.read_text()
+        if started:
+            wait_until(lambda: healthy(base) or process.poll() is not None, timeout=30)
+            assert process.poll() is None, log_path.read_text()
+        else:
+            process.wait(timeout=30)
+        yield Container(base, process, master, log_path)
+    finally:
+        os.close(info_read)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("writable_tmp", [True, False], ids=["tmpfs-tmp", "read-only-tmp"])
+def test_serves_with_a_read_only_root_and_its_state_on_the_volume(
+    writable_tmp: bool,
+    environment: dict[str, str],
+    stripe_fake: FakeStripe,
+    billing: Billing,
+    config_path: Path,
+    tmp_path: Path,
+) -> None:
+    with container(environment, config_path.parent, tmp_path, writable_tmp) as running:
+        base = running.base
         status, answer = get(f"{base}/readyz")
         assert status == 200 and json.loads(answer)["status"] == "ready"
+        assert json.loads(answer)["config"]["path"] == "/config/config.yaml"
 
         body = json.dumps(report([10, 20, 30]))
         status, result = post(f"{base}/webhook", body, sign(body, "msg_readonly"))
@@ -353,18 +466,76 @@ def test_serves_with_a_read_only_root_and_its_state_on_the_volume(
             sample = f'bridge_webhooks_total{{outcome="{outcome}",status="200"}} 1.0'
             assert sample in metrics.decode(), metrics
 
-        os.kill(master, signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, log_path.read_text()
-    finally:
-        os.close(info_read)
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+        os.kill(running.master, signal.SIGTERM)
+        assert running.process.wait(timeout=30) == 0, running.log_path.read_text()
+        lines = running.lines()
 
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     assert [line for line in lines if line["level"] not in {"info", "debug"}] == []
+    volume_on_host = tmp_path / "bridge-state"
     assert (volume_on_host / "bridge.sqlite3").is_file()
     with sqlite3.connect(volume_on_host / "bridge.sqlite3") as ledger:
         messages = ledger.execute("SELECT id, done FROM messages").fetchall()
         writes = ledger.execute("SELECT COUNT(*) FROM writes").fetchone()[0]
     assert messages == [("msg_readonly", 1)] and writes == 3
+
+
+def test_without_a_mounted_config_it_refuses_to_start_naming_config_path(
+    environment: dict[str, str], billing: Billing, tmp_path: Path
+) -> None:
+    with container(environment, None, tmp_path, started=False) as running:
+        assert running.process.returncode != 0
+        text = running.log_path.read_text()
+    assert "CONFIG_PATH: /config/config.yaml: cannot read" in text, text
+    assert "mount the folder that holds it" in text
+    assert "Booting worker" not in text
+
+
+def new_subject_answers(base: str) -> int:
+    """The status a report for the subject `newcomer` gets (422 until the config maps it)."""
+    body = json.dumps(report([1], subject="newcomer"))
+    return post(f"{base}/webhook", body, sign(body, "msg_newcomer"))[0]
+
+
+def test_a_mounted_folder_sees_an_editors_rename(
+    environment: dict[str, str], billing: Billing, config_path: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "bridge-config"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(config_path.read_text())
+    with container(environment, folder, tmp_path) as running:
+        assert new_subject_answers(running.base) == 422
+        fresh = folder / ".config.yaml.swp"  # an editor's save: a new file renamed over the old
+        fresh.write_text(NEW_SUBJECT)
+        fresh.replace(folder / "config.yaml")
+        wait_until(lambda: new_subject_answers(running.base) == 200, timeout=10)
+
+
+def test_a_mounted_configmap_folder_sees_the_kubelets_symlink_swap(
+    environment: dict[str, str], billing: Billing, config_path: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "configmap"
+    folder.mkdir()
+    swap_configmap(folder, config_path.read_text(), 1)
+    (folder / "config.yaml").symlink_to("..data/config.yaml")
+    with container(environment, folder, tmp_path) as running:
+        assert new_subject_answers(running.base) == 422
+        swap_configmap(folder, NEW_SUBJECT, 2)
+        wait_until(lambda: new_subject_answers(running.base) == 200, timeout=10)
+
+
+def test_a_single_file_mount_never_sees_a_rename(
+    environment: dict[str, str], billing: Billing, config_path: Path, tmp_path: Path
+) -> None:
+    # Why the docs say "a folder, never the file": a bind mount of one file holds that file (its
+    # inode); a rename on the host puts a new file in the host's folder, which the container never
+    # sees. (Kubernetes' subPath mounts are the same.)
+    with container(environment, config_path, tmp_path) as running:
+        assert new_subject_answers(running.base) == 422
+        fresh = config_path.with_suffix(".new")
+        fresh.write_text(NEW_SUBJECT)
+        fresh.replace(config_path)
+        checked_until = time.monotonic() + 4  # well past a reload (within 5 s, about 2 s)
+        while time.monotonic() < checked_until:
+            assert new_subject_answers(running.base) == 422
+            time.sleep(0.5)
+        assert not [line for line in running.lines() if line["message"] == "config reloaded"]

@@ -1,7 +1,7 @@
 """A real nginx running docs/nginx.conf in front of gunicorn started as the container starts it.
 
-The sample's lines marked EDIT (ports, certificate) are the only ones changed; a minimal main
-nginx.conf, like a distribution's, includes it and points nginx's own files at a temporary folder.
+The samples' lines marked EDIT (user, paths, ports, certificate) are the only ones changed:
+docs/nginx-main.conf, the complete main config, includes docs/nginx.conf, the site file.
 `make proxy` (part of `make test`) installs nginx where it can; elsewhere these tests skip.
 """
 
@@ -30,6 +30,12 @@ from tests.fake_stripe import FakeStripe
 from tests.harness import PROJECT, free_port, healthy, report, sign, start_service, wait_until
 
 SAMPLE = PROJECT / "docs" / "nginx.conf"
+MAIN = PROJECT / "docs" / "nginx-main.conf"
+# Directives whose values belong to a site: each must be on a line marked EDIT.
+SITE_SPECIFIC = re.compile(
+    r"^\s*(user|pid|error_log|access_log|\w+_temp_path|include|server|listen|server_name"
+    r"|ssl_certificate|ssl_certificate_key|ssl_protocols|proxy_set_header X-Forwarded-For)\s+[^{\s]"
+)
 NGINX = shutil.which("nginx") or next(
     (path for path in ("/usr/sbin/nginx",) if os.access(path, os.X_OK)), None
 )
@@ -76,48 +82,52 @@ class Proxied:
         return [event for event in events if event.get("message") == "webhook"]
 
 
-def site_config(public: int, internal: int, bridge: str, cert: Path, key: Path) -> str:
-    """docs/nginx.conf with its EDIT lines set to this test's ports and certificate."""
-    text = SAMPLE.read_text()
-    edits = {
-        "listen 443 ssl;": f"listen 127.0.0.1:{public} ssl;",
-        "server 127.0.0.1:8080;": f"server {bridge};",
-        "ssl_certificate /etc/ssl/openmeter-bridge/fullchain.pem;": f"ssl_certificate {cert};",
-        "ssl_certificate_key /etc/ssl/openmeter-bridge/privkey.pem;": f"ssl_certificate_key {key};",
-        "listen 127.0.0.1:8081;": f"listen 127.0.0.1:{internal};",
-    }
+def edited(path: Path, edits: dict[str, str]) -> str:
+    """The sample at path with exactly these lines changed, each of them one marked EDIT."""
+    text = path.read_text()
     for old, new in edits.items():
-        assert text.count(old) == 1, f"docs/nginx.conf no longer has exactly one `{old}`"
+        lines = [line for line in text.splitlines() if old in line]
+        assert len(lines) == 1, f"{path.name} no longer has exactly one `{old}`"
+        assert "# EDIT" in lines[0], f"{path.name}: `{old}` is changed but not marked EDIT"
         text = text.replace(old, new)
     return text
 
 
+def site_config(public: int, internal: int, bridge: str, cert: Path, key: Path) -> str:
+    """docs/nginx.conf with its EDIT lines set to this test's ports and certificate."""
+    return edited(
+        SAMPLE,
+        {
+            "listen 443 ssl;": f"listen 127.0.0.1:{public} ssl;",
+            "server 127.0.0.1:8080;": f"server {bridge};",
+            "ssl_certificate /etc/ssl/openmeter-bridge/fullchain.pem;": f"ssl_certificate {cert};",
+            "ssl_certificate_key /etc/ssl/openmeter-bridge/privkey.pem;": (
+                f"ssl_certificate_key {key};"
+            ),
+            "listen 127.0.0.1:8081;": f"listen 127.0.0.1:{internal};",
+        },
+    )
+
+
 def main_config(workdir: Path, site: Path) -> str:
-    """The main nginx.conf around the site file: foreground, every file nginx writes in workdir."""
-    # `user` is read only by a root master (whose workers would otherwise become nobody, who
+    """docs/nginx-main.conf with its EDIT lines set to this test's user and folders."""
+    # `user` is read only by a root master (whose workers would otherwise become www-data, who
     # cannot read the certificate here); without root it would only draw a warning.
     user = pwd.getpwuid(os.geteuid()).pw_name
     group = grp.getgrgid(os.getegid()).gr_name
-    temps = "\n".join(
-        f"    {kind}_temp_path {workdir / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return "\n".join(
-        [
-            f"user {user} {group};" if os.geteuid() == 0 else "",
-            "daemon off;",
-            "worker_processes 1;",
-            f"pid {workdir / 'nginx.pid'};",
-            f"error_log {workdir / 'error.log'} notice;",
-            "events { worker_connections 64; }",
-            "http {",
-            f"    access_log {workdir / 'access.log'};",
-            temps,
-            f"    include {site};",
-            "}",
-            "",
-        ]
-    )
+    edits = {
+        "user www-data;": f"user {user} {group};" if os.geteuid() == 0 else "",
+        "pid /run/nginx.pid;": f"pid {workdir / 'nginx.pid'};",
+        "error_log /var/log/nginx/error.log notice;": f"error_log {workdir / 'error.log'} notice;",
+        "access_log /var/log/nginx/access.log;": f"access_log {workdir / 'access.log'};",
+        "include /etc/nginx/conf.d/openmeter-bridge.conf;": f"include {site};",
+    }
+    for kind, folder in [
+        ("client_body", "body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"), ("uwsgi", "uwsgi"),
+        ("scgi", "scgi"),
+    ]:  # fmt: skip
+        edits[f"{kind}_temp_path /var/lib/nginx/{folder};"] = f"{kind}_temp_path {workdir / kind};"
+    return edited(MAIN, edits)
 
 
 def make_certificate(workdir: Path) -> tuple[Path, Path]:
@@ -163,7 +173,8 @@ def proxied(environment: dict[str, str], billing: Billing, tmp_path: Path) -> It
         error_log = workdir / "error.log"
         with (workdir / "nginx.out").open("wb") as out:
             nginx = subprocess.Popen(
-                [str(NGINX), "-p", str(workdir), "-e", str(error_log), "-c", str(conf)],
+                [str(NGINX), "-p", str(workdir), "-e", str(error_log), "-c", str(conf),
+                 "-g", "daemon off;"],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_until(lambda: listening("127.0.0.1", public) or nginx.poll() is not None, 15)
@@ -270,3 +281,35 @@ def test_the_sample_waits_for_the_bridge_and_never_retries_a_post() -> None:
     assert reads and all(seconds(value) >= 15 for value in reads)
     assert directives("proxy_next_upstream") == ["off"]
     assert directives("proxy_set_header X-Forwarded-For") == ["$remote_addr"]
+
+
+def test_every_site_specific_line_is_marked_edit() -> None:
+    for path in (MAIN, SAMPLE):
+        for line in path.read_text().splitlines():
+            if SITE_SPECIFIC.match(line) and not line.lstrip().startswith("#"):
+                assert "# EDIT" in line, f"{path.name}: {line.strip()}"
+    assert "include" in MAIN.read_text() and "http {" in MAIN.read_text()
+
+
+def test_a_process_on_the_host_can_forge_x_forwarded_for_as_the_sample_warns(
+    proxied: Proxied, stripe_fake: FakeStripe, billing: Billing
+) -> None:
+    # The limit docs/nginx.conf states: the bridge believes forwarding headers from 127.0.0.1
+    # (nginx's address), so a process on the host connecting from there is believed too. Only
+    # the logged address is at stake: the webhook still needs its Svix signature.
+    body = json.dumps(report([5]))
+    headers = sign(body, "msg_local") | {"X-Forwarded-For": "203.0.113.66"}
+    connection = http.client.HTTPConnection(
+        BRIDGE_HOST, proxied.bridge_port, timeout=10, source_address=("127.0.0.1", 0)
+    )
+    connection.request("POST", "/webhook", body=body, headers=headers)
+    assert connection.getresponse().status == 200
+    connection.close()
+    unsigned = {"X-Forwarded-For": "203.0.113.66", "content-type": "application/json"}
+    connection = http.client.HTTPConnection(
+        BRIDGE_HOST, proxied.bridge_port, timeout=10, source_address=("127.0.0.1", 0)
+    )
+    connection.request("POST", "/webhook", body=body, headers=unsigned)
+    assert connection.getresponse().status == 401
+    connection.close()
+    assert [line["client"] for line in proxied.webhook_lines()] == ["203.0.113.66"] * 2

@@ -7,6 +7,7 @@ with the lists customers, meters, prices and subscriptions; an unknown key is re
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import threading
@@ -26,6 +27,16 @@ def read_fixtures(path: Path) -> Any:
         raise ValueError(f"cannot read it: {error}") from None
     check_fixtures(document)
     return document
+
+
+def port_problem(error: OSError, port: int) -> str:
+    """What a failed listen means and what to do (a port in use, above all)."""
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} is in use (another fake Stripe? `make try` runs one; stop it, or "
+            "pass --port 0 for any free port and point STRIPE_API_BASE at the URL printed)"
+        )
+    return error.strerror or str(error)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -56,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _signum, _frame: stopping.set())
-    print(fake.start(args.host, args.port), flush=True)
+    try:
+        url = fake.start(args.host, args.port)
+    except OSError as error:  # exits 2 with what to do, no traceback
+        parser.error(f"cannot listen on {args.host}:{args.port}: {port_problem(error, args.port)}")
+    print(url, flush=True)
     while not stopping.wait(1.0):
         pass
     fake.stop()

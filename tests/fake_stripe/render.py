@@ -108,6 +108,15 @@ class Rendering(State):
                     for i, item in self._items.items()
                 },
                 "usage_totals": {i: sum(item.usage.values()) for i, item in self._items.items()},
+                # The same totals as a person reads them: subscription -> price -> total.
+                "usage_by_subscription": {
+                    s: {
+                        item.price: sum(item.usage.values())
+                        for item in self._items.values()
+                        if item.subscription == s
+                    }
+                    for s in self._subscriptions
+                },
                 "meter_events": self.meter_events(),
                 "meter_values": {
                     m: {c: str(self.meter_value(m, c)) for mm, c in sorted(metered) if mm == m}
