@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 MAX_BODY_BYTES = 1024 * 1024
+DRAIN_BYTES = 8 * 1024 * 1024  # a refused body read up to this (docs/nginx.conf passes 4 MiB)
 
 
 def process_webhook(
@@ -48,9 +49,24 @@ def read_body() -> bytes:
     try:
         return request.get_data(cache=False)
     except RequestEntityTooLarge as error:
+        drain_body(request.environ, request.content_length or 0)
         raise PayloadTooLarge(
             f"body over {MAX_BODY_BYTES} bytes", "Send a narrower report (fewer windows or groups)."
         ) from error
+
+
+def drain_body(environ: WSGIEnvironment, length: int) -> None:
+    """Reads and drops a refused body of up to DRAIN_BYTES before the 413 is sent.
+
+    A connection closed with the body unread is reset by the kernel; a proxy that was still
+    sending it (nginx sends the whole body first) then answers 502 instead of the 413 that names
+    the fix. gunicorn's own graceful close drains only 64 KiB (gunicorn.util.close_graceful).
+    """
+    if length > DRAIN_BYTES:
+        return  # more than any proxy in front passes: not worth reading
+    stream = environ["wsgi.input"]
+    while length > 0 and (chunk := stream.read(min(length, 64 * 1024))):
+        length -= len(chunk)
 
 
 class TrustedProxyFix:

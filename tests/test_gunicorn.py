@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 from pathlib import Path
@@ -114,3 +115,29 @@ def test_bind_listens_only_where_told(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+def test_an_oversized_body_is_read_before_the_413_so_a_proxy_sees_no_reset(
+    service: Service,
+) -> None:
+    # A proxy (nginx buffers the body first) sends all of it before it reads the answer. Had the
+    # service answered and closed with the body unread, the kernel would reset the connection and
+    # the proxy would answer 502 instead of the 413 that names the fix. So the service reads the
+    # body first: with half of it sent, no answer has come.
+    body = b'{"padding": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    head = (
+        f"POST /webhook HTTP/1.0\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    host, port = service.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head + body[: len(body) // 2])
+        readable, _, _ = select.select([connection], [], [], 1.0)
+        assert not readable, "answered before the body was read"
+        connection.sendall(body[len(body) // 2 :])
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", answer[:300]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"] == "payload_too_large"
