@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,12 +174,18 @@ def service(
     environment: dict[str, str], service_env: dict[str, str], billing: Billing, tmp_path: Path
 ) -> Iterator[Service]:
     """The service under gunicorn (two workers) against the fake Stripe."""
+    with serving(environment | service_env, tmp_path / "gunicorn.log") as running:
+        yield running
+
+
+@contextmanager
+def serving(env: dict[str, str], log_path: Path) -> Iterator[Service]:
+    """The Dockerfile's CMD (two workers) with env, until the block ends."""
     port = free_port()
-    log_path = tmp_path / "gunicorn.log"
-    process = start_service(environment | service_env | {"PORT": str(port)}, log_path)
+    process = start_service(env | {"PORT": str(port)}, log_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: healthy(base) or process.poll() is not None, timeout=20)
+        wait_until(lambda: healthy(base) or process.poll() is not None, timeout=30)
         assert process.poll() is None, log_path.read_text()
         yield Service(base, process, log_path)
     finally:

@@ -4,10 +4,8 @@ gunicorn "replicas" on one PostgreSQL, each as production runs it (the Dockerfil
 from __future__ import annotations
 
 import json
-import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,9 @@ from typing import Any
 import pytest
 
 from app import create_app
-from tests.conftest import Billing, Service, deliver
+from tests.conftest import Billing, Service, deliver, serving
 from tests.fake_stripe import FakeStripe
-from tests.harness import free_port, healthy, hours_ago, report, start_service
+from tests.harness import hours_ago, report
 from tests.harness import wait_until as wait
 from tests.postgres import PostgresServer
 
@@ -43,22 +41,6 @@ def shared(stripe_fake: FakeStripe, billing: Billing, config_path: Path) -> Bill
         stripe_fake.add_subscription(team, customer="cus_5", prices=["price_1Calls"])
     config_path.write_text(CONFIG)
     return billing
-
-
-@contextmanager
-def serving(env: dict[str, str], log_path: Path) -> Iterator[Service]:
-    """The Dockerfile's CMD (two workers) with env, until the block ends."""
-    port = free_port()
-    process = start_service(env | {"PORT": str(port)}, log_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait(lambda: healthy(base) or process.poll() is not None, timeout=30)
-        assert process.poll() is None, log_path.read_text()
-        yield Service(base, process, log_path)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
 
 
 def at_once(*calls: Callable[[], tuple[int, Any]]) -> list[tuple[int, Any]]:
