@@ -20,7 +20,7 @@ from typing import Any
 
 from bridge.budget import time_left
 from bridge.errors import LedgerUnavailable
-from bridge.ledger_sql import Run, SqlLedger, busy
+from bridge.ledger_sql import SCHEMA_VERSION, Run, SqlLedger, busy
 
 LOCK_BYTES = 1 << 31  # lock keys hash onto this many bytes: a collision only serializes two keys
 
@@ -101,6 +101,8 @@ class SqliteLedger(SqlLedger):
         self.path = path
         self._local = threading.local()
         self._locks = FileLocks(path + ".lock")
+        self._migrated_pid = 0  # the process that last checked the schema
+        self._migrating = threading.Lock()
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (opened after gunicorn forks), the schema made on first use."""
@@ -115,12 +117,24 @@ class SqliteLedger(SqlLedger):
             )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
-            self._migrate(connection)
+            with self._migrating:  # once per process, not once per thread's first connection
+                if self._migrated_pid != os.getpid():
+                    self._migrate(connection)
+                    self._migrated_pid = os.getpid()
             self._local.connection, self._local.pid = connection, os.getpid()
         return connection
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
-        """Creates or upgrades the schema, one process at a time (SQLite's write lock)."""
+        """Creates or upgrades the schema, one process at a time (SQLite's write lock); a
+        current schema needs no lock, so a worker starting beside busy ones never waits."""
+        current = "SELECT 1 FROM sqlite_master WHERE name = 'ledger_schema'"
+        if connection.execute(current).fetchone():
+            version = connection.execute("SELECT version FROM ledger_schema").fetchone()
+            if version and version[0] == SCHEMA_VERSION:
+                return
+        # Busy workers hold the write lock for a millisecond at a time; a second would not
+        # always be enough for the turn of the 32 first connections of a fresh start.
+        connection.execute(f"PRAGMA busy_timeout = {int(self.MAX_BUSY_SECONDS * 1000)}")
         connection.execute("BEGIN IMMEDIATE")
         try:
             run = _runner(connection)

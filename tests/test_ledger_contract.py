@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -165,3 +166,21 @@ def test_a_wait_for_a_pooled_connection_ends_with_the_time_budget(postgres_url: 
             assert time.monotonic() - started < CONNECT_SECONDS
     finally:
         ledger.close()
+
+
+def test_a_worker_starting_beside_a_busy_sqlite_ledger_reads_without_its_write_lock(
+    tmp_path: Path,
+) -> None:
+    """A worker's first connection checks the schema by reading: while another worker holds
+    SQLite's write lock (for longer than the one-second wait a connection starts with), a fresh
+    ledger still answers a read. It once took the write lock for every thread's first connection,
+    and a fresh start's 32 threads answered 'database is locked'."""
+    path = str(tmp_path / "ledger.sqlite3")
+    SqliteLedger(path).begin("msg_a", None)  # the schema exists
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another worker's transaction
+    try:
+        assert SqliteLedger(path).written_elsewhere("msg_a", PLACE) == []
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
