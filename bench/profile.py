@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bridge-profile-") as folder:
         raw = Path(folder) / "profile.txt"
         with running(0.05, Path(folder) / "stack") as stack:
-            load(stack, "warm-up", 32, 32 * SUBJECTS, 1)
+            load(stack, "warm-up", 32, 32 * SUBJECTS, 1, fresh=True)
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                  str(stack.service.pid), "--subprocesses", "--gil", "--full-filenames",

@@ -199,8 +199,11 @@ class Result:
         }
 
 
-def load(stack: Stack, name: str, concurrency: int, webhooks: int, windows: int) -> Result:
-    """A closed loop: `concurrency` senders, each sending again as soon as it has an answer."""
+def load(
+    stack: Stack, name: str, concurrency: int, webhooks: int, windows: int, *, fresh: bool = False
+) -> Result:
+    """A closed loop: `concurrency` senders, each sending again as soon as it has an answer; with
+    fresh, each webhook on a new connection (which either worker may accept)."""
     calls_before = stack.control("state")["requests"]
     pids = stack.processes()
     cpu_before = cpu_seconds(pids)
@@ -217,6 +220,9 @@ def load(stack: Stack, name: str, concurrency: int, webhooks: int, windows: int)
                 number = next(counter, None)
             if number is None:
                 return
+            if fresh:
+                sender.connection.close()
+                sender = Sender(stack.base)
             subject = f"customer-{number % SUBJECTS}"
             body = report(stack.windows(subject, windows, 1 + number % 97), subject)
             status, seconds, _ = sender.send(body, f"msg_{name}_{number}")
@@ -336,6 +342,27 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 SCENARIOS = ("1 sender, 1 window", "32 senders, 1 window", "1 sender, 24 windows")
+ROUNDS = 4  # of the 32-sender scenario; the table shows the median round (the lower of two)
+
+
+def by_round(rounds: list[dict[str, Any]], latency: float) -> dict[str, str]:
+    """Each 32-sender round against the latency floor 32 / L, and issue 19's targets on them."""
+    floor = 32 / latency
+    shares = [row["throughput/s"] / floor for row in rounds]
+    cpu = [row["cpu ms/webhook"] for row in rounds]
+    each = "; ".join(
+        f"{row['throughput/s']}/s ({share:.0%}), {row['cpu ms/webhook']:.2f} ms"
+        for row, share in zip(rounds, shares, strict=True)
+    )
+    return {
+        f"32 senders, {len(rounds)} rounds: throughput (of 32/L = {floor:.0f}/s), CPU": each,
+        "target: 32 senders >= 70% of 32/L as the median of the rounds, >= 55% in the worst": (
+            f"median {statistics.median(shares):.0%}, worst {min(shares):.0%}"
+        ),
+        "target: CPU per webhook at 32 senders <= 1.5 ms (median of the rounds)": (
+            f"{statistics.median(cpu):.2f} ms"
+        ),
+    }
 
 
 def targets(rows: list[dict[str, Any]], facts: dict[str, Any], latency: float) -> dict[str, str]:
@@ -349,7 +376,6 @@ def targets(rows: list[dict[str, Any]], facts: dict[str, Any], latency: float) -
         "target: 32 senders >= 20x 1 sender's throughput, 0 non-2xx": (
             f"{scale:.1f}x, {many['non-2xx']} non-2xx"
         ),
-        "target: CPU per webhook at 32 senders <= 3.0 ms": f"{many['cpu ms/webhook']:.2f} ms",
         "target: 24 windows p50 <= 1.15 x 24 x L": (
             f"{wide['p50 ms']:.0f} ms = {wide['p50 ms'] / bound:.2f} x {bound:.0f} ms"
         ),
@@ -368,22 +394,28 @@ def main(argv: list[str] | None = None) -> int:
     def n(count: int) -> int:
         return max(4, int(count * scale))
 
-    # Warm means every worker has every subject's subscription cached. A sender's connection lands
-    # on either worker, so each subject is sent 32 times over 32 connections (sent twice, some
-    # were still fetched, at two Stripe calls a webhook, while 1 sender was being measured).
+    # Warm means every worker has every subject's subscription cached: each subject is sent 32
+    # times, each time on a new connection, which either worker may accept. (On kept-alive
+    # connections a subject always went to the same sender, so to one worker, and the first
+    # 32-sender round paid the other worker's fetches: 1.05 Stripe calls a webhook.)
     warm_up = (2 if args.smoke else 32) * SUBJECTS
     rows: list[dict[str, Any]] = []
     facts: dict[str, Any] = {}
     problems = 0
+    count = 1 if args.smoke else ROUNDS
     with tempfile.TemporaryDirectory(prefix="bridge-bench-") as folder:
         with running(args.latency, Path(folder) / "a") as stack:
             facts["start to first /healthz 200 (s)"] = round(stack.startup_seconds, 2)
-            load(stack, "warm-up", 32, warm_up, 1)
+            load(stack, "warm-up", 32, warm_up, 1, fresh=True)
             rows.append(load(stack, SCENARIOS[0], 1, n(300), 1).row())
             facts["fake Stripe alone: p50 of one usage record (ms)"] = round(
                 fake_alone(stack, n(300)), 1
             )
-            rows.append(load(stack, SCENARIOS[1], 32, n(3000), 1).row())
+            # Issue 19 judges the median and the worst of 4 rounds: where kept-alive connections
+            # land decides how evenly the two workers share them, round by round.
+            rounds = [load(stack, SCENARIOS[1], 32, n(3000), 1).row() for _ in range(count)]
+            rows.append(sorted(rounds, key=lambda row: row["throughput/s"])[(count - 1) // 2])
+            facts.update(by_round(rounds, args.latency))
             rows.append(load(stack, SCENARIOS[2], 1, n(30), 24).row())
             if not (args.smoke or args.no_soak):
                 load(stack, "soak to 2,000", 32, 2000, 1)
@@ -402,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             problems += lost + doubled
         big, budget = (120, 1.0) if args.smoke else (1440, 12.0)
         with running(0.02, Path(folder) / "b", budget) as stack:
-            load(stack, "warm-up", 32, warm_up, 1)
+            load(stack, "warm-up", 32, warm_up, 1, fresh=True)
             result = big_report(stack, big)
             facts[f"{big}-window report at 20 ms, budget {budget:.0f} s"] = (
                 f"{result['attempts']} attempts: {result['each']}"
