@@ -107,18 +107,21 @@ class SqlLedger:
         """Records the message's first sight (once) and says what is known of it."""
         self._expire()
         with self._transaction() as run:
+            # RETURNING gives a row only if this attempt inserted it (SQLite 3.35+, PostgreSQL).
             first_sight = (
                 "INSERT INTO messages (id, digest, first_seen, first_sent, done) "  # noqa: S608
-                f"VALUES (?, '', {self.NOW}, ?, 0) ON CONFLICT (id) DO NOTHING"
+                f"VALUES (?, '', {self.NOW}, ?, 0) ON CONFLICT (id) DO NOTHING "
+                "RETURNING first_seen, first_sent, digest, done"
             )  # NOW is the backend's constant
-            run(first_sight, (message_id, sent_at))
-            rows = run(
+            rows = run(first_sight, (message_id, sent_at))
+            first_attempt = bool(rows)
+            rows = rows or run(
                 "SELECT first_seen, first_sent, digest, done FROM messages WHERE id = ?",
                 (message_id,),
             )
         first_seen, first_sent, digest, done = rows[0]
         sent = None if first_sent is None else float(first_sent)
-        return Seen(float(first_seen), sent, str(digest) if done else None)
+        return Seen(float(first_seen), sent, str(digest) if done else None, first_attempt)
 
     def pending(self, writes: Sequence[Write], place: str, raw: bool, message: Message) -> Pending:
         """Which of a message's planned writes are still to make, and why the others are not."""
@@ -147,7 +150,7 @@ class SqlLedger:
             elif holder and holder[0] > message.first_seen:
                 superseded += 1
             else:
-                todo.append(replace(write, fresh=fresh.get(write.key)))
+                todo.append(replace(write, fresh=fresh[write.key]) if write.key in fresh else write)
         return Pending(todo, superseded, kept)
 
     def record(self, message: Message, done: bool, place: str, writes: Sequence[Write]) -> None:

@@ -122,6 +122,7 @@ class SqliteLedger(SqlLedger):
                     self._migrate(connection)
                     self._migrated_pid = os.getpid()
             self._local.connection, self._local.pid = connection, os.getpid()
+            self._local.busy_seconds = -1  # the first transaction sets its own wait
         return connection
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
@@ -152,7 +153,9 @@ class SqliteLedger(SqlLedger):
         try:
             db = self._db()
             wait = min(max(time_left(), self.MIN_BUSY_SECONDS), self.MAX_BUSY_SECONDS)
-            db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            if int(wait) != self._local.busy_seconds:  # whole seconds: rarely a statement more
+                db.execute(f"PRAGMA busy_timeout = {int(wait) * 1000}")
+                self._local.busy_seconds = int(wait)
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except (sqlite3.Error, OSError) as error:
             self._local.connection = None

@@ -137,7 +137,8 @@ def process_event(
             incomplete=plan.left_out,
             hint="a later report that holds them in full writes them",
         )
-    if elsewhere := written_elsewhere(ledger, message_id, target):
+    # A message seen for the first time has written nowhere: one ledger query fewer a webhook.
+    if not seen.first_attempt and (elsewhere := written_elsewhere(ledger, message_id, target)):
         answer["written_elsewhere"] = elsewhere
     # The newer-wins check, the writes and their record: one critical section, in one worker of
     # one replica at a time, so a newer report for the same windows is never undone by this one.

@@ -64,6 +64,7 @@ def test_first_sight_is_recorded_once_with_the_senders_first_timestamp(ledger: L
     first = ledger.begin("msg_1", 1000.0)
     again = ledger.begin("msg_1", 2000.0)
     assert again.first_seen == first.first_seen and again.first_sent == 1000.0
+    assert first.first_attempt and not again.first_attempt  # only the first has written nowhere
     assert again.written_as is None
     ledger.record(Message("msg_1", "d1", first.first_seen), True, PLACE, [write(0, 5, "msg_1")])
     assert ledger.begin("msg_1", 3000.0).written_as == "d1"
