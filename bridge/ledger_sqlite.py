@@ -109,18 +109,19 @@ class SqliteLedger(SqlLedger):
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None or self._local.pid != os.getpid():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            # Setting up may wait for another process that makes a fresh file WAL or its schema.
             connection = sqlite3.connect(
                 self.path,
-                timeout=self.MIN_BUSY_SECONDS,
+                timeout=self.MAX_BUSY_SECONDS,
                 isolation_level=None,
                 check_same_thread=False,
             )
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            with self._migrating:  # once per process, not once per thread's first connection
+            with self._migrating:  # a process's threads set up one at a time, migrate once
+                connection.execute("PRAGMA journal_mode=WAL")
                 if self._migrated_pid != os.getpid():
                     self._migrate(connection)
                     self._migrated_pid = os.getpid()
+            connection.execute("PRAGMA synchronous=NORMAL")
             self._local.connection, self._local.pid = connection, os.getpid()
             self._local.busy_seconds = -1  # the first transaction sets its own wait
         return connection
@@ -133,9 +134,6 @@ class SqliteLedger(SqlLedger):
             version = connection.execute("SELECT version FROM ledger_schema").fetchone()
             if version and version[0] == SCHEMA_VERSION:
                 return
-        # Busy workers hold the write lock for a millisecond at a time; a second would not
-        # always be enough for the turn of the 32 first connections of a fresh start.
-        connection.execute(f"PRAGMA busy_timeout = {int(self.MAX_BUSY_SECONDS * 1000)}")
         connection.execute("BEGIN IMMEDIATE")
         try:
             run = _runner(connection)
