@@ -71,12 +71,12 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # thread keeps its own connection to Stripe.
 # Why 2 x 16 and not 4 x 8 (issue 19): the service is CPU-bound on 2 vCPUs, so one process per CPU
 # is enough to use both, and more processes only add memory (each holds the app and its caches),
-# cold caches (each worker fetches every subscription once) and writers queuing on the rate
-# budget's SQLite row. Measured with 32 senders at 50 ms, alternating layouts, two rounds each
-# (2026-12-07, load average 8-14 from other work on the box): 2 x 16 297/s and 219/s at 4.1 and
-# 4.5 ms CPU a webhook; 4 x 8 294/s and 155/s at 3.6 and 5.5 ms. No difference stands out of the
-# noise, and the issue's 4 x 8 experiment saw keep-alive connections pile onto one worker (254/s in
-# one round of three). Keep 2 x 16; on more CPUs, raise WEB_CONCURRENCY to one per CPU.
+# cold caches (each worker fetches every subscription once) and writers queuing on the ledger's and
+# the rate budget's SQLite files. Measured on a quiet 2-vCPU machine (2026-12-07), 32 senders at
+# 50 ms, 4 rounds a layout, the layouts alternated twice: 2 x 16 527-593/s at 1.27-1.51 ms CPU a
+# webhook; 4 x 8 424-543/s at 1.37-1.66 ms, with the wider spread the issue saw (keep-alive
+# connections unevenly spread over more workers). Keep 2 x 16; on more CPUs, raise WEB_CONCURRENCY
+# to one per CPU.
 threads = 16
 # Load the app once in the master: a bad config stops the start with one clear message.
 preload_app = True
