@@ -23,6 +23,7 @@ from bridge.errors import LedgerUnavailable
 from bridge.ledger_sql import SCHEMA_VERSION, Run, SqlLedger, busy
 
 LOCK_BYTES = 1 << 31  # lock keys hash onto this many bytes: a collision only serializes two keys
+SETUP_LOCK_KEY = "ledger setup"  # held while a connection makes the file WAL and its schema
 
 
 class FileLocks:
@@ -116,7 +117,9 @@ class SqliteLedger(SqlLedger):
                 isolation_level=None,
                 check_same_thread=False,
             )
-            with self._migrating:  # a process's threads set up one at a time, migrate once
+            # One connection of the host at a time: two that make a fresh file WAL at once
+            # deadlock, and SQLite answers one 'database is locked' without waiting.
+            with self._migrating, self._locks.hold(SETUP_LOCK_KEY):
                 connection.execute("PRAGMA journal_mode=WAL")
                 if self._migrated_pid != os.getpid():
                     self._migrate(connection)
