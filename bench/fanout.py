@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import Stack, check_usage, report, running
+from bench.run import Stack, check_usage, print_table, report, running
 from tests.harness import sign
 
 # Svix's delays after each failed attempt (docs.svix.com/retries): 8 attempts in about 27.6 h.
@@ -172,15 +172,6 @@ def scenario(
     outcome.rate_limited = stack.control("rate_limit")["refused"]
     outcome.lost, outcome.doubled = check_usage(stack)
     return outcome
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    """A plain-text table."""
-    columns = list(rows[0])
-    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ class Seen:
     first_seen: float  # the ledger's clock at the first attempt it saw (this one, if first)
     first_sent: float | None  # that attempt's svix-timestamp: when the sender says it was sent
     written_as: str | None  # the digest it was fully written under, if it was
-    first_attempt: bool = False  # this attempt recorded its first sight: nothing written yet
+    first_attempt: bool  # this attempt recorded its first sight: nothing written yet
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,8 @@ class SqliteLedger(SqlLedger):
         return connection
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
-        """Creates or upgrades the schema, one process at a time (SQLite's write lock); a
-        current schema needs no lock, so a worker starting beside busy ones never waits."""
+        """Creates or upgrades the schema (under the setup lock, then SQLite's write lock); a
+        current schema needs no write lock, so a worker starting beside busy ones never waits."""
         current = "SELECT 1 FROM sqlite_master WHERE name = 'ledger_schema'"
         if connection.execute(current).fetchone():
             version = connection.execute("SELECT version FROM ledger_schema").fetchone()
