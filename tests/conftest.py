@@ -162,6 +162,11 @@ class Service:
         lines = self.log_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
+    def webhook_pids(self, message_id: str = "") -> set[int]:
+        """The workers that answered the webhooks whose message id starts with message_id."""
+        lines = [line for line in self.logs() if line["message"] == "webhook"]
+        return {line["pid"] for line in lines if line.get("message_id", "").startswith(message_id)}
+
 
 @pytest.fixture
 def service_env() -> dict[str, str]:

@@ -81,12 +81,6 @@ def old_retry_and_new_correction(
     assert [records.get(stamp) for stamp in stamps] == [7] * 6, (trial, results)
 
 
-def pids(service: Service, message_id: str = "msg") -> set[int]:
-    """The worker processes that answered a message's webhooks (any message's, by default)."""
-    lines = [line for line in service.logs() if line["message"] == "webhook"]
-    return {line["pid"] for line in lines if line["message_id"].startswith(message_id)}
-
-
 def test_old_retry_and_new_correction_at_once_in_two_workers(
     environment: dict[str, str], stripe_fake: FakeStripe, shared: Billing, tmp_path: Path
 ) -> None:
@@ -96,7 +90,13 @@ def test_old_retry_and_new_correction_at_once_in_two_workers(
         apart = trial = 0  # apart: trials whose two messages two different workers took
         while trial < TRIALS or (apart < 3 and trial < 5 * TRIALS):
             old_retry_and_new_correction(stripe_fake, shared.api, service, service, trial)
-            apart += len(pids(service, f"msg_new{trial}") | pids(service, f"msg_old{trial}")) == 2
+            apart += (
+                len(
+                    service.webhook_pids(f"msg_new{trial}")
+                    | service.webhook_pids(f"msg_old{trial}")
+                )
+                == 2
+            )
             trial += 1
         assert apart >= 3, f"only {apart} of {trial} trials ran in two workers"
 
@@ -109,7 +109,9 @@ def two_subjects_on_one_customers_meter(first: Service, second: Service) -> None
     assert status == 200, answer
     other = report([4], subject="customer-5b", meter="calls", first=start)
     attempt = 0  # at least 12 deliveries, and until both workers have answered (at most 100)
-    while attempt < 12 or (first is second and len(pids(first, "msg_5b")) < 2 and attempt < 100):
+    while attempt < 12 or (
+        first is second and len(first.webhook_pids("msg_5b")) < 2 and attempt < 100
+    ):
         status, answer = (first, second)[attempt % 2].deliver(other, "msg_5b")
         assert status == 422 and answer["error"] == "shared_customer", answer
         assert answer["subjects"] == ["customer-5a", "customer-5b"]
@@ -121,7 +123,7 @@ def test_two_subjects_on_one_customers_meter_are_422_in_every_worker(
 ) -> None:
     with serving(environment, tmp_path / "gunicorn.log") as service:
         two_subjects_on_one_customers_meter(service, service)
-        assert len(pids(service, "msg_5b")) == 2  # both workers refused it
+        assert len(service.webhook_pids("msg_5b")) == 2  # both workers refused it
     assert [e["payload"]["value"] for e in stripe_fake.meter_events()] == ["3"]
 
 
