@@ -6,6 +6,7 @@ from tests.harness import free_port
 
 
 def test_free_port_never_hands_out_a_port_twice() -> None:
-    """The kernel picks bind(0)'s port at random: 1,000 picks from the 28,232 of Linux's default range repeat one about 18 times."""
+    """The kernel picks bind(0)'s port at random: 1,000 picks from the 28,232 ports of Linux's
+    default range would repeat one about 18 times."""
     ports = [free_port() for _ in range(1000)]
     assert len(set(ports)) == len(ports)
