@@ -15,13 +15,15 @@ shared store: SQLite next to the ledger for the workers of one host, a PostgreSQ
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import psycopg
@@ -71,6 +73,19 @@ class MemoryStore:
             return result
 
 
+@contextmanager
+def setup_lock(path: str) -> Iterator[None]:
+    """Holds the host's lock for setting up a connection: two connections that make a fresh file
+    WAL at once deadlock, and SQLite answers one 'database is locked' without waiting. (A
+    whole-file flock, unlike the ledger's FileLocks: one short wait, no webhook budget to keep.)"""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 class SQLiteStore:
     """The schedule in a SQLite file shared by the host's workers (next to the ledger)."""
 
@@ -87,10 +102,11 @@ class SQLiteStore:
         if connection is None or self._local.pid != os.getpid():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
+            with setup_lock(self.path + ".lock"):
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute(self.SCHEMA)
             # Losing the last slots in a power cut costs nothing: no fsync per request.
             connection.execute("PRAGMA synchronous=OFF")
-            connection.execute(self.SCHEMA)
             self._local.connection, self._local.pid = connection, os.getpid()
         return connection
 

@@ -408,7 +408,7 @@ def test_overlong_idempotency_key_is_refused(client: stripe.StripeClient, item: 
 
 
 def test_key_in_use_is_409(fake: FakeStripe, client: stripe.StripeClient, item: str) -> None:
-    fake.latency = 0.4
+    fake.latency = 1.5  # the second call comes well inside the first's time
     first = threading.Thread(
         target=record_usage, args=(client, item, 5, NOW - HOUR), kwargs={"key": "k1"}
     )
@@ -425,7 +425,7 @@ def test_key_in_use_is_409(fake: FakeStripe, client: stripe.StripeClient, item: 
 def test_concurrent_writes_to_one_item_hit_its_lock(
     fake: FakeStripe, client: stripe.StripeClient, item: str
 ) -> None:
-    fake.latency, fake.lock_wait = 0.4, 0.1
+    fake.latency, fake.lock_wait = 1.5, 0.1  # the second comes well inside the first's hold
     errors: list[Exception] = []
 
     def write(n: int) -> None:

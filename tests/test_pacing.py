@@ -121,7 +121,7 @@ def test_the_budget_is_shared_by_every_worker(
 
     def send(number: int) -> int:
         event = report(
-            list(range(1, 11)), subject=subjects[number % 2], first=hours_ago(20 + number),
+            list(range(1, 9)), subject=subjects[number % 2], first=hours_ago(20 + number),
             size=timedelta(minutes=1),
         )  # fmt: skip
         client = workers[number // 4].test_client()
@@ -132,7 +132,7 @@ def test_the_budget_is_shared_by_every_worker(
     assert statuses == [200] * 8
     assert refused(stripe_fake) == 0
     assert stripe_fake.usage_total(billing.api) + stripe_fake.usage_total(billing.acme_api) == (
-        8 * sum(range(1, 11))
+        8 * sum(range(1, 9))
     )
 
 
@@ -157,7 +157,9 @@ def test_a_report_the_budget_cannot_serve_in_time_answers_503_early_and_resumes(
     assert refused(stripe_fake) == 0
     assert stripe_fake.usage_total(billing.api) == sum(range(1, 21))
     writes = [r for r in stripe_fake.requests if r.path.endswith("/usage_records")]
-    assert len(writes) == 20  # each window sent once: progress is kept between attempts
+    # Each window sent once, progress kept between attempts; only a write whose answer an
+    # attempt's end cut off (a stall of over SEND_MARGIN_SECONDS) may go again, under its key.
+    assert 20 <= len(writes) < 20 + len(statuses), len(writes)
 
 
 # --- Stripe's 429s -------------------------------------------------------------------------------
