@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -156,6 +156,27 @@ def dockerfile_cmd() -> list[str]:
     command = json.loads(cmd[0].removeprefix("CMD "))
     assert isinstance(command, list), "CMD must be in exec form so gunicorn is PID 1"
     return [str(part) for part in command]
+
+
+def failures_at_once(
+    call: Callable[[int], object], threads: int, error: type[BaseException]
+) -> int:
+    """Runs call(0) ... call(threads - 1) in threads released together; how many raised error."""
+    failed, start = [], threading.Barrier(threads)
+
+    def one(number: int) -> None:
+        start.wait()
+        try:
+            call(number)
+        except error:
+            failed.append(number)
+
+    pool = [threading.Thread(target=one, args=(number,)) for number in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return len(failed)
 
 
 _HANDED_OUT: set[int] = set()

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -27,7 +26,7 @@ from bridge.planning import Write
 from bridge.quantities import Quantity
 from bridge.report import Window
 from bridge.targets import Claim
-from tests.harness import PROJECT
+from tests.harness import PROJECT, failures_at_once
 
 PLACE = "usage_records/si_1"
 
@@ -192,21 +191,10 @@ def test_a_worker_starting_beside_a_busy_sqlite_ledger_reads_without_its_write_l
 
 def first_sights(path: str, threads: int) -> int:
     """A fresh worker: `threads` threads whose first ledger call comes at once; how many failed."""
-    ledger, failed, start = SqliteLedger(path), [], threading.Barrier(threads)
-
-    def first_webhook(thread: int) -> None:
-        start.wait()
-        try:
-            ledger.begin(f"msg_{os.getpid()}_{thread}", None)
-        except LedgerUnavailable:
-            failed.append(thread)
-
-    pool = [threading.Thread(target=first_webhook, args=(n,)) for n in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return len(failed)
+    ledger = SqliteLedger(path)
+    return failures_at_once(
+        lambda n: ledger.begin(f"msg_{os.getpid()}_{n}", None), threads, LedgerUnavailable
+    )
 
 
 def test_a_fresh_start_of_two_workers_with_16_threads_each_opens_the_sqlite_ledger(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from bridge.pacing import (
     reserve,
 )
 from bridge.settings import settings_from_env
+from tests.harness import failures_at_once
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -113,21 +113,12 @@ def test_processes_sharing_the_file_never_get_the_same_turn(tmp_path: Path) -> N
 
 def _first_turns(path: str, threads: int) -> int:
     """A fresh worker: `threads` threads whose first turn comes at once; how many failed."""
-    store, failed, start = SQLiteStore(path, "acct"), [], threading.Barrier(threads)
-
-    def first_turn() -> None:
-        start.wait()
-        try:
-            store.advance(lambda slot: reserve(slot, 1000.0, 10.0, 1e9))
-        except sqlite3.Error:
-            failed.append(1)
-
-    pool = [threading.Thread(target=first_turn) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return len(failed)
+    store = SQLiteStore(path, "acct")
+    return failures_at_once(
+        lambda _: store.advance(lambda slot: reserve(slot, 1000.0, 10.0, 1e9)),
+        threads,
+        sqlite3.Error,
+    )
 
 
 def test_a_fresh_start_of_four_workers_opens_the_shared_file_without_locked_errors(
